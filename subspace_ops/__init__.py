@@ -1,0 +1,16 @@
+"""subspace-ops: fast, checkpoint-safe subspace (GaLore-style) optimizers for PyTorch."""
+from . import reference
+from .helpers import lowrank_param_groups, memory_report
+from .ops import back_project, project
+from .optim import GaLoreAdamW
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GaLoreAdamW",
+    "project",
+    "back_project",
+    "lowrank_param_groups",
+    "memory_report",
+    "reference",
+]
