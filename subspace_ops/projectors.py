@@ -49,12 +49,11 @@ def _finite(basis: Basis) -> bool:
 def svd_basis(G: Tensor, rank: int, side: str) -> Basis:
     """Exactly galore-torch's basis: ``torch.linalg.svd(G.float(), full_matrices=False)``."""
     U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
-    left, right = U[:, :rank], Vh[:rank].mT
-    if side == "left":
-        return left.to(G.dtype)
-    if side == "right":
-        return right.to(G.dtype)
-    return left.to(G.dtype), right.to(G.dtype)
+    # Contiguous copies: a slice would keep the whole U / Vh alive in optimizer state (and in
+    # every checkpoint, since torch.save stores a view's full storage).
+    left = U[:, :rank].to(G.dtype, memory_format=torch.contiguous_format, copy=True)
+    right = Vh[:rank].mT.to(G.dtype, memory_format=torch.contiguous_format, copy=True)
+    return {"left": left, "right": right, "full": (left, right)}[side]
 
 
 def randomized_svd(
@@ -104,14 +103,17 @@ def randomized_basis(
 ) -> Basis:
     """Basis from the randomized range finder, warm-started from ``previous`` when given."""
     opts = dict(oversample=oversample, power_iters=power_iters, seed=seed)
+    def own(x: Tensor) -> Tensor:
+        return x.to(G.dtype, memory_format=torch.contiguous_format, copy=True)
+
     if side == "right":
         U, _ = randomized_svd(G.mT, rank, warm=previous, **opts)
-        return U.to(G.dtype)
+        return own(U)
     warm = previous[0] if isinstance(previous, tuple) else previous
     U, Vh = randomized_svd(G, rank, warm=warm, **opts)
     if side == "left":
-        return U.to(G.dtype)
-    return U.to(G.dtype), Vh.mT.to(G.dtype)
+        return own(U)
+    return own(U), own(Vh.mT)
 
 
 def compute_basis(

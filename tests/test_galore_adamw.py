@@ -275,6 +275,9 @@ def test_state_is_tensors_and_lowrank_sized_only():
             # no full-size buffer: every state tensor is smaller than the weight
             assert all(v.numel() < m * n for v in st.values()), {k: v.shape for k, v in st.items()}
             assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
+            # the basis owns its memory: not a view into a full SVD result kept alive (and saved)
+            basis = st["basis"]
+            assert basis.untyped_storage().nbytes() == basis.numel() * basis.element_size()
 
 
 # ---------------------------------------------------------------------------------------------
