@@ -2,12 +2,15 @@
 from . import reference
 from .helpers import lowrank_param_groups, memory_report
 from .ops import back_project, project
-from .optim import GaLoreAdamW
+from .grad_filter import GradFilter
+from .optim import AdamSNSM, GaLoreAdamW
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GaLoreAdamW",
+    "AdamSNSM",
+    "GradFilter",
     "project",
     "back_project",
     "lowrank_param_groups",

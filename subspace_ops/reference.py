@@ -13,7 +13,7 @@ which is also what the fused kernels do.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -149,6 +149,98 @@ def captured_energy(G: Tensor, basis: Basis, side: str) -> float:
     return float(project_any(G, basis, side).pow(2).sum() / total)
 
 
+def transport_matrix(P_old: Tensor, P_new: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``C = P_newᵀ P_old`` (r x r, in ``dtype``): old low-rank coordinates to new ones (§6)."""
+    return P_new.to(dtype).mT @ P_old.to(dtype)
+
+
+def transport_moments_(M: Tensor, V: Optional[Tensor], old: Basis, new: Basis, side: str) -> None:
+    """Carry low-rank moments into a new basis, in place (ALGORITHMS.md §6).
+
+    ``M ← C M`` (left) / ``M Cᵀ`` (right) / ``Cl M Crᵀ`` (full), so ``back_project(M)`` is kept up to
+    its component outside the new subspace; ``V ← (C∘C) V`` / ``V (C∘C)ᵀ`` / both, clamped ≥ 0 (V is
+    not linear in the basis: exact only when C is a signed permutation). ``V=None`` moves ``M`` only.
+    For a Gaussian (non-orthonormal) basis the same formula is Flora's ``project_new(back_old(M))``.
+    """
+    if side == "full":
+        Cl, Cr = transport_matrix(old[0], new[0], M.dtype), transport_matrix(old[1], new[1], M.dtype)
+        M.copy_(Cl @ M @ Cr.mT)
+        if V is not None:
+            V.copy_(((Cl * Cl) @ V @ (Cr * Cr).mT).clamp_(min=0.0))
+        return
+    _check_side(side)
+    C = transport_matrix(old, new, M.dtype)
+    if side == "left":
+        M.copy_(C @ M)
+        if V is not None:
+            V.copy_(((C * C) @ V).clamp_(min=0.0))
+    else:
+        M.copy_(M @ C.mT)
+        if V is not None:
+            V.copy_((V @ (C * C).mT).clamp_(min=0.0))
+
+
+def subset_norm_shape(m: int, n: int) -> Tuple[int, int]:
+    """Shape of the Subset-Norm accumulator: one per row/column of the larger dimension (§4)."""
+    return (m, 1) if m >= n else (1, n)
+
+
+def snsm_matrix_step_(
+    W: Tensor,
+    G: Tensor,
+    basis: Basis,
+    M: Tensor,
+    V: Tensor,
+    *,
+    side: str,
+    step_size: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One Subset-Norm + Subspace-Momentum update of a 2-D ``W`` in place (ALGORITHMS.md §4).
+
+    ``M`` (low-rank shape, fp32) is the subspace momentum, ``V`` (``subset_norm_shape``, fp32) the
+    subset-norm accumulator: ``V ← β2·V + (1−β2)·Σ G²`` over the smaller dimension;
+    ``W ← W − step_size · (back(M) + G − back(project(G))) / (sqrt(V) + ε)``, then the decoupled weight
+    decay of GaLore (``W ← W − lr·wd·W``). ``step_size`` is ``adam_step_size(...)``: ``lr·c_t``.
+    """
+    G32 = G.float()
+    R = project_any(G32, basis, side)
+    M.mul_(beta1).add_(R, alpha=1.0 - beta1)
+    reduce_dim = 1 if V.shape[1] == 1 and V.shape[0] == G32.shape[0] else 0
+    V.mul_(beta2).add_(G32.pow(2).sum(dim=reduce_dim, keepdim=True), alpha=1.0 - beta2)
+    numerator = back_project_any(M, basis, side).add_(G32).sub_(back_project_any(R, basis, side))
+    apply_update_(W, numerator.div_(V.sqrt().add_(eps)), step_size, 1.0, lr, weight_decay)
+
+
+def grokfast_ema_(grad: Tensor, mu: Tensor, alpha: float, lamb: float, first: bool) -> None:
+    """Grokfast EMA filter (ALGORITHMS.md §7), in place: ``μ ← α·μ + (1−α)·g`` (``μ = g`` on the
+    ``first`` call), then ``g ← g + λ·μ``. ``mu`` is fp32; ``grad`` is rounded once into its dtype."""
+    g32 = grad.float()
+    if first:
+        mu.copy_(g32)
+    else:
+        mu.mul_(alpha).add_(g32, alpha=1.0 - alpha)
+    grad.copy_(g32 + lamb * mu)
+
+
+def grokfast_ma_(grad: Tensor, buffer: Tensor, count: Tensor, lamb: float, warmup: bool = True) -> None:
+    """Grokfast MA filter (§7), in place: push ``g`` into the fp32 ring ``buffer`` (w, *g.shape),
+    ``count`` (int64 scalar) counting pushes, then ``g ← g + λ·mean(last min(count, w) gradients)``,
+    the current one included; with ``warmup`` only once the window is full."""
+    w = buffer.shape[0]
+    g32 = grad.float()
+    buffer[int(count) % w].copy_(g32)
+    count.add_(1)
+    k = min(int(count), w)
+    if warmup and k < w:
+        return
+    grad.copy_(g32 + lamb * buffer[:k].mean(dim=0))
+
+
 __all__: Sequence[str] = [
     "project",
     "back_project",
@@ -162,4 +254,10 @@ __all__: Sequence[str] = [
     "orthonormal_fallback",
     "principal_angle_cosines",
     "captured_energy",
+    "transport_matrix",
+    "transport_moments_",
+    "subset_norm_shape",
+    "snsm_matrix_step_",
+    "grokfast_ema_",
+    "grokfast_ma_",
 ]

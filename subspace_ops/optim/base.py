@@ -1,0 +1,444 @@
+"""What the subspace optimizers share: validation, checkpoints, the per-parameter loop, bases.
+
+``SubspaceOptimizer`` gathers tensors and keeps the basis of every low-rank matrix (refreshes with
+failure handling, seeded projections, Online Subspace Descent, moment transport, diagnostics); a
+subclass only says which moments a low-rank matrix has and which update it takes
+(``_init_lowrank_state``, ``_matrix_update``, ``_on_basis_change``). The math is in
+``subspace_ops.reference`` and ``subspace_ops.projectors``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .. import ops, reference
+from ..projectors import (
+    PROJ_TYPES,
+    PROJECTORS,
+    SEEDED_PROJECTORS,
+    basis_side,
+    compute_basis,
+    effective_rank,
+    online_pca_update,
+    orthonormalize,
+    seeded_basis,
+)
+
+# State tensors that are fp32 whatever the parameter's dtype (see load_state_dict): the low-rank
+# moments, and the moments and step count of the Online Subspace Descent step on the basis.
+FP32_STATE = (
+    "exp_avg",
+    "exp_avg_sq",
+    "proj_exp_avg",
+    "proj_exp_avg_sq",
+    "proj_exp_avg_right",
+    "proj_exp_avg_sq_right",
+    "proj_step",
+)
+
+# Key of the diagnostics in state_dict() (tensors only, so weights_only=True loads it).
+STATS_KEY = "subspace_stats"
+
+
+def _check_number(name: str, value, ok: bool, want: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid {name}: {value!r}; {want}")
+
+
+def validate_hyperparameters(group: dict) -> None:
+    """Raise a ValueError naming the bad value and the valid range."""
+    lr, betas, eps = group.get("lr"), group.get("betas"), group.get("eps")
+    if lr is not None:
+        lr_value = lr.item() if isinstance(lr, Tensor) else lr
+        _check_number("lr", lr, lr_value >= 0.0, "lr must be >= 0")
+    if betas is not None:
+        for i, b in enumerate(betas):
+            _check_number(f"betas[{i}]", b, 0.0 <= b < 1.0, "each beta must be in [0, 1)")
+    if eps is not None:
+        _check_number("eps", eps, eps >= 0.0, "eps must be >= 0")
+    wd = group.get("weight_decay")
+    if wd is not None:
+        _check_number("weight_decay", wd, wd >= 0.0, "weight_decay must be >= 0")
+    if "rank" not in group:
+        return
+    rank = group["rank"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"invalid rank: {rank!r}; rank must be a positive int (e.g. rank=128)")
+    gap = group["update_proj_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
+        raise ValueError(f"invalid update_proj_gap: {gap!r}; must be a positive int (e.g. 200)")
+    if group["proj_type"] not in PROJ_TYPES:
+        raise ValueError(f"invalid proj_type: {group['proj_type']!r}; expected one of {PROJ_TYPES}")
+    if group["projector"] not in PROJECTORS:
+        raise ValueError(f"invalid projector: {group['projector']!r}; expected one of {PROJECTORS}")
+    for key in ("oversample", "power_iters"):
+        v = group[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"invalid {key}: {v!r}; must be an int >= 0")
+    transport = group.get("transport_moments", False)
+    if not isinstance(transport, bool):
+        raise ValueError(f"invalid transport_moments: {transport!r}; must be True or False")
+
+
+def parameter_seed(group_seed: int, index: int, step: int) -> int:
+    """Seed of parameter ``index``'s basis drawn at completed-step ``step``: reproducible and
+    resumable from a checkpoint without storing a generator."""
+    return (int(group_seed) * 1_000_003 + index) * 1_000_003 + step
+
+
+def _float(x) -> float:
+    return x.item() if isinstance(x, Tensor) else float(x)
+
+
+class SubspaceOptimizer(Optimizer):
+    """Base of the optimizers whose matrices in groups with a ``rank`` key live in a subspace.
+
+    Subclasses set ``lowrank_defaults`` (filled into low-rank groups) and implement
+    ``_init_lowrank_state``, ``_matrix_update`` and optionally ``_on_basis_change``. Everything
+    outside low-rank groups, and 1-D parameters inside them, takes the plain AdamW step of
+    ``reference.adam_step_``.
+    """
+
+    lowrank_defaults: dict = {}
+    # True when the update needs an orthogonal projector (e.g. SNSM's complement G − back(project(G))):
+    # the Gaussian projection is then orthonormalised (QR) after it is regenerated.
+    orthonormal_bases: bool = False
+
+    def __init__(self, params: Iterable, defaults: dict, *, backend: Optional[str] = None):
+        ops.validate_backend(backend)
+        self.backend = backend
+        self._warned_refresh = False
+        # Diagnostics per parameter index (tensors only); see subspace_stats().
+        self._stats: dict = {}
+        validate_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    # -- param groups -----------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        if "rank" in param_group:
+            for key, value in self.lowrank_defaults.items():
+                param_group.setdefault(key, value)
+        if "betas" in param_group:
+            param_group["betas"] = tuple(param_group["betas"])
+        validate_hyperparameters(param_group)
+        super().add_param_group(param_group)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch.optim's state dict, plus the diagnostics under ``"subspace_stats"`` (tensors)."""
+        sd = super().state_dict()
+        if self._stats:
+            sd[STATS_KEY] = {i: {k: v.clone() for k, v in st.items()} for i, st in self._stats.items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch.optim's, but the fp32 moments stay fp32 and integer state stays integer.
+
+        torch.optim casts every state tensor but ``step`` to a floating parameter's dtype on load,
+        which would round the low-rank moments of a bf16 model to bf16, and counters such as
+        ``refresh_offset`` or ``basis_step`` to bf16 (exact only up to 256), changing the trajectory
+        after a resume.
+        """
+        saved = state_dict["state"]
+        stats = state_dict.get(STATS_KEY, {})
+        ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATS_KEY})
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, p in zip(ids, params):
+            if pid not in saved or p not in self.state:
+                continue
+            for key, value in saved[pid].items():
+                if key in FP32_STATE:
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+                elif key != "step" and isinstance(value, Tensor) and not value.is_floating_point():
+                    self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
+        self._stats = {int(i): {k: v.clone() for k, v in st.items()} for i, st in stats.items()}
+
+    # -- the step ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(p, group, index)
+                index += 1
+        return loss
+
+    def _step_param(self, p: Tensor, group: dict, index: int) -> None:
+        grad = p.grad
+        name = type(self).__name__
+        if grad.is_sparse:
+            raise ValueError(
+                f"{name}: parameter {index} (shape {tuple(p.shape)}) has a sparse gradient, which "
+                "is not supported; use dense gradients (e.g. nn.Embedding(sparse=False))"
+            )
+        lowrank = "rank" in group and p.dim() >= 2
+        if lowrank and torch.is_complex(p):
+            raise ValueError(
+                f"{name}: parameter {index} (shape {tuple(p.shape)}) is complex, which a low-rank "
+                "group does not support; put it in a group without 'rank'"
+            )
+        if p.numel() == 0:
+            return
+        if lowrank:
+            self._lowrank_step(p, grad, group, index)
+        else:
+            self._plain_step(p, grad, group)
+
+    def _hyper(self, group: dict, state: dict) -> dict:
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        t = int(state["step"].item())
+        lr = group["lr"]
+        lr = float(lr) if not isinstance(lr, Tensor) else lr.item()
+        return dict(
+            step_size=reference.adam_step_size(lr, beta1, beta2, t, group["correct_bias"]),
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
+
+    def _plain_step(self, p: Tensor, grad: Tensor, group: dict) -> None:
+        W, G = p, grad
+        if torch.is_complex(p):
+            W, G = torch.view_as_real(p), torch.view_as_real(grad)
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros(W.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(W.shape, dtype=torch.float32, device=p.device)
+        hyper = self._hyper(group, state)
+        ops.adam_step_(W, G, state["exp_avg"], state["exp_avg_sq"], backend=self.backend, **hyper)
+
+    # -- subclass hooks ---------------------------------------------------------------------------
+    def _init_lowrank_state(self, state: dict, p: Tensor, side: str, m: int, n: int, rank: int) -> None:
+        raise NotImplementedError
+
+    def _matrix_update(self, W: Tensor, G: Tensor, basis, state: dict, group: dict, side: str, hyper: dict) -> None:
+        raise NotImplementedError
+
+    def _on_basis_change(self, state: dict, group: dict, side: str, old, new, refresh: bool) -> None:
+        """Called after the basis changed: at a refresh (``refresh=True``) or after an Online
+        Subspace Descent step. Default: transport ``exp_avg``/``exp_avg_sq`` when the group asks."""
+        if group.get("transport_moments", False):
+            reference.transport_moments_(state["exp_avg"], state["exp_avg_sq"], old, new, side)
+
+    # -- low-rank matrices ------------------------------------------------------------------------
+    def _lowrank_step(self, p: Tensor, grad: Tensor, group: dict, index: int) -> None:
+        m = p.shape[0]
+        n = p.numel() // m
+        side = basis_side(group["proj_type"], m, n)
+        rank = effective_rank(group["rank"], m, n)
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            self._init_lowrank_state(state, p, side, m, n, rank)
+            offset = index % group["update_proj_gap"] if group["stagger"] else 0
+            state["refresh_offset"] = torch.tensor(offset, dtype=torch.int64)
+
+        G = grad.reshape(m, n)
+        s = int(state["step"].item())
+        refreshed = False
+        if self._refresh_due(state, group, s):
+            refreshed = self._refresh(state, G, group, side, rank, index, s)
+
+        basis = self._basis(state, group, side, G, index)
+        hyper = self._hyper(group, state)
+        # An in-place view of the weight; a non-contiguous weight is updated through a copy.
+        W = p.view(m, n) if p.is_contiguous() else p.reshape(m, n).clone()
+        self._matrix_update(W, G, basis, state, group, side, hyper)
+        if W.data_ptr() != p.data_ptr():
+            p.copy_(W.view_as(p))
+        if group["projector"] == "online_pca" and not refreshed:
+            self._online_pca_step(state, G, basis, group, side, index, s)
+
+    def _refresh_due(self, state: dict, group: dict, s: int) -> bool:
+        seeded = group["projector"] in SEEDED_PROJECTORS
+        if ("basis_step" if seeded else "basis") not in state:
+            return True
+        if group["projector"] == "online_pca":  # refreshed only by its own steps after the SVD start
+            return False
+        return (s + int(state["refresh_offset"])) % group["update_proj_gap"] == 0
+
+    def _basis(self, state: dict, group: dict, side: str, G: Tensor, index: int):
+        """The current basis: stored, or regenerated from its seed (gaussian, srht)."""
+        if group["projector"] in SEEDED_PROJECTORS:
+            if "basis_step" not in state:
+                return None
+            m, n = G.shape
+            seed = parameter_seed(group["seed"], index, int(state["basis_step"]))
+            basis = seeded_basis(
+                group["projector"], m, n, effective_rank(group["rank"], m, n), side, seed,
+                dtype=G.dtype, device=G.device,
+            )
+            if self.orthonormal_bases and group["projector"] == "gaussian":
+                basis = tuple(orthonormalize(b).to(G.dtype) for b in basis) if side == "full" else (
+                    orthonormalize(basis).to(G.dtype))
+            return basis
+        if "basis" not in state:
+            return None
+        return (state["basis"], state["basis_right"]) if side == "full" else state["basis"]
+
+    def _refresh(self, state: dict, G: Tensor, group: dict, side: str, rank: int, index: int, s: int) -> bool:
+        """Compute a new basis for ``G``; True when the basis was (re)set."""
+        previous = self._basis(state, group, side, G, index)
+        if group["projector"] in SEEDED_PROJECTORS:
+            # Only the draw's step is stored; the basis is regenerated from it (see _basis).
+            state["basis_step"] = torch.tensor(s, dtype=torch.int64)
+            return self._basis_changed(state, G, group, side, index, s, previous, self._basis(state, group, side, G, index))
+        # Seeded from (group seed, parameter index, step): reproducible and resumable from a
+        # checkpoint without storing a generator.
+        seed = parameter_seed(group["seed"], index, s)
+        basis = compute_basis(
+            G, rank, side, group["projector"], previous=previous, seed=seed,
+            oversample=group["oversample"], power_iters=group["power_iters"],
+        )
+        if basis is None:
+            if not self._warned_refresh:
+                warnings.warn(
+                    f"{type(self).__name__}: could not compute a basis for parameter {index} at step {s} "
+                    "(non-finite gradient or SVD did not converge); keeping the previous basis. "
+                    "This warning is shown once.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                self._warned_refresh = True
+            if previous is not None:
+                return False
+            m, n = G.shape
+            left = reference.orthonormal_fallback(m, rank, G)
+            right = reference.orthonormal_fallback(n, rank, G)
+            basis = {"left": left, "right": right, "full": (left, right)}[side]
+        if side == "full":
+            state["basis"], state["basis_right"] = basis
+        else:
+            state["basis"] = basis
+        if group["projector"] == "online_pca" and "proj_step" not in state:
+            self._init_online_pca_state(state, basis, side)
+        return self._basis_changed(state, G, group, side, index, s, previous, basis)
+
+    def _basis_changed(self, state: dict, G: Tensor, group: dict, side: str, index: int, s: int, previous, basis) -> bool:
+        self._record_stats(index, G, previous, basis, side, s, group)
+        if previous is not None:
+            self._on_basis_change(state, group, side, previous, basis, True)
+        return True
+
+    # -- Online Subspace Descent ------------------------------------------------------------------
+    @staticmethod
+    def _init_online_pca_state(state: dict, basis, side: str) -> None:
+        parts = basis if side == "full" else (basis,)
+        for suffix, P in zip(("", "_right"), parts):
+            state["proj_exp_avg" + suffix] = torch.zeros(P.shape, dtype=torch.float32, device=P.device)
+            state["proj_exp_avg_sq" + suffix] = torch.zeros(P.shape, dtype=torch.float32, device=P.device)
+        state["proj_step"] = torch.zeros((), dtype=torch.float32)
+
+    def _online_pca_step(self, state: dict, G: Tensor, basis, group: dict, side: str, index: int, s: int) -> None:
+        """One AdamW step on the online-PCA loss for the basis, after the weight update (§3).
+
+        The basis learning rate follows the weight schedule as in the official code:
+        ``(lr_t / initial_lr) / update_proj_gap``, ``initial_lr`` being what torch LR schedulers store
+        in the group (without a scheduler the ratio is 1).
+        """
+        lr = _float(group["lr"])
+        lr0 = _float(group.get("initial_lr", lr))
+        lr_proj = (lr / lr0 if lr0 != 0.0 else 0.0) / group["update_proj_gap"]
+        t = int(state["proj_step"].item()) + 1
+        if side == "full":
+            new_l = online_pca_update(basis[0], G, state["proj_exp_avg"], state["proj_exp_avg_sq"], t, lr_proj, "left")
+            if new_l is None:
+                return
+            new_r = online_pca_update(
+                basis[1], G, state["proj_exp_avg_right"], state["proj_exp_avg_sq_right"], t, lr_proj, "right"
+            )
+            if new_r is None:
+                return
+            new = (new_l, new_r)
+            state["basis"], state["basis_right"] = new
+        else:
+            new = online_pca_update(basis, G, state["proj_exp_avg"], state["proj_exp_avg_sq"], t, lr_proj, side)
+            if new is None:
+                return
+            state["basis"] = new
+        state["proj_step"].fill_(t)
+        if (s + int(state["refresh_offset"])) % group["update_proj_gap"] == 0:
+            self._record_stats(index, G, basis, new, side, s, group)
+        self._on_basis_change(state, group, side, basis, new, False)
+
+    # -- diagnostics ------------------------------------------------------------------------------
+    def _orthonormal(self, basis, group: dict):
+        """Bases for the diagnostics: the Gaussian projection is not orthonormal, so orthonormalise."""
+        if group["projector"] != "gaussian" or self.orthonormal_bases:
+            return basis
+        if isinstance(basis, tuple):
+            return tuple(orthonormalize(b) for b in basis)
+        return orthonormalize(basis)
+
+    def _record_stats(self, index: int, G: Tensor, old, new, side: str, s: int, group: dict) -> None:
+        new = self._orthonormal(new, group)
+        stats = {
+            "step": torch.tensor(s, dtype=torch.int64),
+            "energy": torch.tensor(reference.captured_energy(G, new, side), dtype=torch.float32),
+        }
+        if old is not None:
+            old = self._orthonormal(old, group)
+            stats["energy_old_basis"] = torch.tensor(reference.captured_energy(G, old, side), dtype=torch.float32)
+            if side == "full":
+                stats["cosines"] = reference.principal_angle_cosines(old[0], new[0]).cpu()
+                stats["cosines_right"] = reference.principal_angle_cosines(old[1], new[1]).cpu()
+            else:
+                stats["cosines"] = reference.principal_angle_cosines(old, new).cpu()
+        self._stats[index] = stats
+
+    @torch.no_grad()
+    def subspace_stats(self) -> dict:
+        """Diagnostics of every low-rank matrix that has a basis, keyed by parameter index.
+
+        Each entry: ``refresh_step`` (completed steps at the last refresh), ``energy_at_refresh``
+        (‖project(G)‖²/‖G‖² of that step's gradient in the new basis), ``energy_old_basis`` (the same
+        in the basis it replaced, None at the first refresh), ``cosines`` (principal-angle cosines
+        between the old and new basis, descending; ``cosines_right`` too for ``proj_type="full"``;
+        None at the first refresh), ``energy_now`` (captured energy of the current ``.grad`` in the
+        current basis, when a gradient is present) and ``name`` when the group has ``names``.
+        For ``online_pca`` the basis moves every step: the refresh entries come from the basis step
+        taken on the ``update_proj_gap`` schedule (old = before that step). For ``gaussian`` the
+        bases are orthonormalised before measuring. Recorded values survive ``state_dict()``.
+        """
+        out = {}
+        index = 0
+        for group in self.param_groups:
+            names = group.get("names")
+            for i, p in enumerate(group["params"]):
+                if "rank" in group and p.dim() >= 2 and index in self._stats:
+                    st = self._stats[index]
+                    entry = {
+                        "refresh_step": int(st["step"]),
+                        "energy_at_refresh": float(st["energy"]),
+                        "energy_old_basis": float(st["energy_old_basis"]) if "energy_old_basis" in st else None,
+                        "cosines": st["cosines"].clone() if "cosines" in st else None,
+                    }
+                    if "cosines_right" in st:
+                        entry["cosines_right"] = st["cosines_right"].clone()
+                    if names is not None and i < len(names):
+                        entry["name"] = names[i]
+                    if p.grad is not None and p.numel() > 0:
+                        m = p.shape[0]
+                        G = p.grad.reshape(m, p.numel() // m)
+                        side = basis_side(group["proj_type"], m, G.shape[1])
+                        basis = self._basis(self.state[p], group, side, G, index)
+                        if basis is not None:
+                            basis = self._orthonormal(basis, group)
+                            entry["energy_now"] = reference.captured_energy(G, basis, side)
+                    out[index] = entry
+                index += 1
+        return out
