@@ -1,56 +1,284 @@
-"""Dispatch between the Triton kernels and the reference path.
+"""The ops behind the optimizers, and how each call picks its implementation.
 
-``backend``: ``None`` (take ``SUBSPACE_OPS_BACKEND``, default ``auto``), ``"auto"`` (Triton for CUDA
-tensors, reference otherwise), ``"triton"`` or ``"reference"``.
+``project`` / ``back_project`` are ``torch.library`` custom ops (``torch.ops.subspace_ops.*``) with
+autograd formulas for both inputs and fake (meta) kernels, so they differentiate and trace under
+``torch.compile(fullgraph=True)``. ``galore_matrix_step_`` / ``adam_step_`` / ``lowrank_adam_`` are
+the optimizer's in-place steps: on the Triton backend a composition of the fused kernels in
+``subspace_ops.kernels`` (projection with the Adam update in its epilogue, then back-projection with
+the weight update in its epilogue), else ``subspace_ops.reference``.
+
+Backend choice (``resolve_backend``): ``backend=None`` reads ``SUBSPACE_OPS_BACKEND`` at call time
+(unset or empty = ``"auto"``). ``"auto"`` is Triton for CUDA tensors of fp32/fp16/bf16 when Triton is
+installed, the reference otherwise. ``"triton"`` on CPU tensors runs the kernels in Triton's CPU
+interpreter and is allowed only under ``TRITON_INTERPRET=1`` (how CI tests the kernels).
+``"reference"`` is always available. The custom ops take no backend argument: they honour the
+environment variable, so ``SUBSPACE_OPS_BACKEND=triton TRITON_INTERPRET=1`` runs them on CPU in
+the interpreter.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple, Union
 
+import torch
 from torch import Tensor
 
+from . import kernels as _kernels
 from . import reference
 
 BACKENDS = ("auto", "triton", "reference")
+ENV_VAR = "SUBSPACE_OPS_BACKEND"
+SIDES = ("left", "right")
+STEP_SIDES = ("left", "right", "full")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+Basis = Union[Tensor, Tuple[Tensor, Tensor]]
 
 
+# ---------------------------------------------------------------------------------------------------
+# Backend choice
+# ---------------------------------------------------------------------------------------------------
 def validate_backend(backend: Optional[str]) -> None:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
 
 
+def _check_triton_usable(like: Tensor) -> None:
+    if not _kernels.HAS_TRITON:
+        raise ValueError(
+            "backend 'triton' needs the triton package, which is not installed: `pip install triton`, "
+            f"or use backend='reference' ({ENV_VAR}=reference)"
+        )
+    if like.device.type == "cpu":
+        if not _kernels.interpreting():
+            raise ValueError(
+                "backend 'triton' on CPU tensors runs only in Triton's CPU interpreter: set "
+                "TRITON_INTERPRET=1 in the environment before triton is imported, or move the tensors "
+                f"to a CUDA device, or use backend='reference' ({ENV_VAR}=reference)"
+            )
+    elif like.device.type != "cuda":
+        raise ValueError(
+            f"backend 'triton' supports CUDA tensors (and CPU tensors under TRITON_INTERPRET=1), got a "
+            f"tensor on {like.device}; use backend='reference' ({ENV_VAR}=reference)"
+        )
+    if like.dtype not in TRITON_DTYPES:
+        raise ValueError(
+            f"backend 'triton' supports dtypes {TRITON_DTYPES}, got {like.dtype}; use "
+            f"backend='reference' ({ENV_VAR}=reference) or 'auto'"
+        )
+
+
 def resolve_backend(backend: Optional[str], like: Tensor) -> str:
-    """The concrete backend ("triton" or "reference") for tensors on ``like``'s device."""
+    """The concrete backend (``"triton"`` or ``"reference"``) for tensors like ``like``."""
     validate_backend(backend)
     if backend is None:
-        backend = os.environ.get("SUBSPACE_OPS_BACKEND", "auto")
+        backend = os.environ.get(ENV_VAR, "") or "auto"
         if backend not in BACKENDS:
-            raise ValueError(f"SUBSPACE_OPS_BACKEND must be one of {BACKENDS}, got {backend!r}")
+            raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS} (or unset), got {backend!r}")
     if backend == "auto":
-        return "reference"
+        fast = like.device.type == "cuda" and _kernels.HAS_TRITON and like.dtype in TRITON_DTYPES
+        return "triton" if fast else "reference"
     if backend == "triton":
-        raise NotImplementedError("the Triton backend is not built yet")
+        _check_triton_usable(like)
     return backend
 
 
-def galore_matrix_step_(W, G, basis, M, V, *, backend: Optional[str] = None, **hyper) -> None:
-    """One GaLore AdamW update of a 2-D weight (see ``reference.galore_matrix_step_``)."""
-    resolve_backend(backend, W)
-    reference.galore_matrix_step_(W, G, basis, M, V, **hyper)
+# ---------------------------------------------------------------------------------------------------
+# project / back_project: custom ops
+# ---------------------------------------------------------------------------------------------------
+def _check_2d_pair(name_a: str, a: Tensor, P: Tensor, side: str, op: str) -> None:
+    if side not in SIDES:
+        raise ValueError(f"{op}: side must be 'left' or 'right', got {side!r}")
+    if a.dim() != 2 or P.dim() != 2:
+        raise ValueError(f"{op}: {name_a} and P must be 2-D, got shapes {tuple(a.shape)} and {tuple(P.shape)}")
+    if a.dtype != P.dtype:
+        raise ValueError(f"{op}: {name_a} and P must have one dtype, got {a.dtype} and {P.dtype}")
+    if a.device != P.device:
+        raise ValueError(f"{op}: {name_a} and P must be on one device, got {a.device} and {P.device}")
 
 
-def adam_step_(W, G, M, V, *, backend: Optional[str] = None, **hyper) -> None:
-    """One plain AdamW update (see ``reference.adam_step_``)."""
-    resolve_backend(backend, W)
-    reference.adam_step_(W, G, M, V, **hyper)
+@torch.library.custom_op("subspace_ops::project", mutates_args=())
+def _project_op(G: Tensor, P: Tensor, side: str) -> Tensor:
+    if resolve_backend(None, G) == "triton":
+        from .kernels import project as _kproject
 
-
-def project(G: Tensor, P: Tensor, side: str) -> Tensor:
-    """``Pᵀ G`` (side="left") or ``G P`` (side="right")."""
+        return _kproject.project(G, P, side)
     return reference.project(G, P, side)
 
 
-def back_project(R: Tensor, P: Tensor, side: str) -> Tensor:
-    """``P R`` (side="left") or ``R Pᵀ`` (side="right")."""
+@_project_op.register_fake
+def _project_fake(G: Tensor, P: Tensor, side: str) -> Tensor:
+    shape = (P.shape[1], G.shape[1]) if side == "left" else (G.shape[0], P.shape[1])
+    return G.new_empty(shape)
+
+
+@torch.library.custom_op("subspace_ops::back_project", mutates_args=())
+def _back_project_op(R: Tensor, P: Tensor, side: str) -> Tensor:
+    if resolve_backend(None, R) == "triton":
+        from .kernels import backproject as _kback
+
+        return _kback.back_project(R, P, side)
     return reference.back_project(R, P, side)
+
+
+@_back_project_op.register_fake
+def _back_project_fake(R: Tensor, P: Tensor, side: str) -> Tensor:
+    shape = (P.shape[0], R.shape[1]) if side == "left" else (R.shape[0], P.shape[0])
+    return R.new_empty(shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, P, side = inputs
+    ctx.side = side
+    ctx.save_for_backward(x, P)
+
+
+def _project_backward(ctx, grad: Tensor):
+    # left:  R = Pᵀ G  ->  dG = P dR,  dP = G dRᵀ
+    # right: R = G P   ->  dG = dR Pᵀ, dP = Gᵀ dR = (dRᵀ G)ᵀ
+    G, P = ctx.saved_tensors
+    dG = dP = None
+    if ctx.needs_input_grad[0]:
+        dG = back_project(grad, P, ctx.side)
+    if ctx.needs_input_grad[1]:
+        dP = project(G, grad.mT, "right") if ctx.side == "left" else project(G, grad, "left").mT
+    return dG, dP, None
+
+
+def _back_project_backward(ctx, grad: Tensor):
+    # left:  B = P R   ->  dR = Pᵀ dB, dP = dB Rᵀ
+    # right: B = R Pᵀ  ->  dR = dB P,  dP = dBᵀ R = (Rᵀ dB)ᵀ
+    R, P = ctx.saved_tensors
+    dR = dP = None
+    if ctx.needs_input_grad[0]:
+        dR = project(grad, P, ctx.side)
+    if ctx.needs_input_grad[1]:
+        dP = project(grad, R.mT, "right") if ctx.side == "left" else project(grad, R, "left").mT
+    return dR, dP, None
+
+
+_project_op.register_autograd(_project_backward, setup_context=_setup_context)
+_back_project_op.register_autograd(_back_project_backward, setup_context=_setup_context)
+
+
+def project(G: Tensor, P: Tensor, side: str) -> Tensor:
+    """``Pᵀ G`` (side="left", P (m, r) -> (r, n)) or ``G P`` (side="right", P (n, r) -> (m, r)).
+
+    Differentiable in both inputs; traceable by ``torch.compile(fullgraph=True)``.
+    """
+    _check_2d_pair("G", G, P, side, "project")
+    want = G.shape[0] if side == "left" else G.shape[1]
+    if P.shape[0] != want:
+        raise ValueError(
+            f"project: side {side!r} needs P of shape ({want}, r) for G of shape {tuple(G.shape)}, "
+            f"got {tuple(P.shape)}"
+        )
+    return torch.ops.subspace_ops.project(G, P, side)
+
+
+def back_project(R: Tensor, P: Tensor, side: str) -> Tensor:
+    """``P R`` (side="left", R (r, n) -> (m, n)) or ``R Pᵀ`` (side="right", R (m, r) -> (m, n))."""
+    _check_2d_pair("R", R, P, side, "back_project")
+    r = R.shape[0] if side == "left" else R.shape[1]
+    if P.shape[1] != r:
+        raise ValueError(
+            f"back_project: side {side!r} needs P with {r} columns for R of shape {tuple(R.shape)}, "
+            f"got P of shape {tuple(P.shape)}"
+        )
+    return torch.ops.subspace_ops.back_project(R, P, side)
+
+
+# ---------------------------------------------------------------------------------------------------
+# In-place optimizer steps
+# ---------------------------------------------------------------------------------------------------
+def _check_step_basis(basis: Basis, side: str) -> None:
+    if side not in STEP_SIDES:
+        raise ValueError(f"side must be one of {STEP_SIDES}, got {side!r}")
+    if side == "full":
+        if not (isinstance(basis, (tuple, list)) and len(basis) == 2):
+            raise ValueError("side 'full' needs basis=(P_left, P_right), a pair of tensors")
+    elif not isinstance(basis, Tensor):
+        raise ValueError(f"side {side!r} needs one basis tensor, got {type(basis).__name__}")
+
+
+def galore_matrix_step_(
+    W: Tensor,
+    G: Tensor,
+    basis: Basis,
+    M: Tensor,
+    V: Tensor,
+    *,
+    backend: Optional[str] = None,
+    side: str,
+    step_size: float,
+    scale: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One GaLore AdamW update of a 2-D weight ``W`` (in place) and its fp32 moments ``M``, ``V``
+    (see ``reference.galore_matrix_step_``).
+
+    Triton: two kernels per matrix for one side, ``N = adam(project(G))`` with M, V updated in the
+    projection's epilogue, then ``W ← (W − step·α·back_project(N))·(1 − lr·wd)`` in the
+    back-projection's epilogue. The back-projection multiplies on the basis dtype's tensor cores, so
+    with a 16-bit basis the fp32 ``N`` is rounded once to that dtype for the product (2^-9 relative
+    for bf16, far below the rounding of a bf16 weight; fp32 bases stay exact fp32). Side ``"full"``
+    (``R = Plᵀ G Pr``, back ``(Pl N) Prᵀ``, the reference's association) adds one small fp32 GEMM on
+    each side: ``Plᵀ G`` (r x n, fp32), then ``(·) Pr`` with the Adam epilogue; ``Pl N`` (m x r, fp32),
+    then ``(·) Prᵀ`` with the weight update.
+    """
+    _check_step_basis(basis, side)
+    hyper = dict(beta1=beta1, beta2=beta2, eps=eps)
+    update = dict(step_size=step_size, scale=scale, lr=lr, weight_decay=weight_decay)
+    if resolve_backend(backend, W) == "reference":
+        reference.galore_matrix_step_(W, G, basis, M, V, side=side, **update, **hyper)
+        return
+    from .kernels import backproject as _kback
+    from .kernels import project as _kproject
+
+    if side == "full":
+        Pl, Pr = basis
+        T = _kproject.project(G, Pl, "left", out_dtype=torch.float32)
+        N = _kproject.project_adam_(T, Pr, "right", M, V, **hyper)
+        Y = _kback.back_project(N, Pl, "left", out_dtype=torch.float32)
+        _kback.back_project_update_(W, Y, Pr, "right", dot_dtype=Pr.dtype, **update)
+    else:
+        N = _kproject.project_adam_(G, basis, side, M, V, **hyper)
+        _kback.back_project_update_(W, N, basis, side, dot_dtype=basis.dtype, **update)
+
+
+def adam_step_(
+    W: Tensor,
+    G: Tensor,
+    M: Tensor,
+    V: Tensor,
+    *,
+    backend: Optional[str] = None,
+    step_size: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One plain AdamW update (see ``reference.adam_step_``); Triton: one fused elementwise pass."""
+    hyper = dict(step_size=step_size, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    if resolve_backend(backend, W) == "reference":
+        reference.adam_step_(W, G, M, V, **hyper)
+        return
+    from .kernels import lowrank_adam as _kadam
+
+    _kadam.adamw_(W, G, M, V, **hyper)
+
+
+def lowrank_adam_(R: Tensor, M: Tensor, V: Tensor, *, backend: Optional[str] = None, beta1: float,
+                  beta2: float, eps: float) -> Tensor:
+    """Unfused low-rank Adam moment update (see ``reference.lowrank_adam_``); returns ``N``."""
+    if resolve_backend(backend, R) == "reference":
+        return reference.lowrank_adam_(R, M, V, beta1, beta2, eps)
+    from .kernels import lowrank_adam as _kadam
+
+    return _kadam.lowrank_adam_(R, M, V, beta1=beta1, beta2=beta2, eps=eps)

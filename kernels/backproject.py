@@ -1,0 +1,135 @@
+"""Back-projection GEMM ``P R`` (side "left") / ``R Pᵀ`` (side "right"), plain or with the weight
+update fused into the epilogue.
+
+Programs tile the (m x n) output and loop over the rank in K tiles (any rank; the reduction is never
+split). With the update epilogue the output is the weight itself: each program loads its W tile once,
+applies ``reference.apply_update_`` in fp32, ``W32 - step·α·back`` and then ``W32 + (-lr·wd)·W32``,
+and stores it once, rounded once to W's dtype. The back-projected direction never goes to memory.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+from ._common import (
+    check,
+    check_dtype,
+    check_same_device,
+    device_guard,
+    dot_code,
+    gemm_config,
+    gemm_tile,
+    grouped_tile,
+    store_rounded,
+)
+
+SIDES = ("left", "right")
+
+
+@triton.jit(do_not_specialize=["M", "N", "K"])  # sizes vary per matrix: one compile per layout
+def _back_project_kernel(
+    a_ptr, b_ptr, out_ptr,
+    M, N, K,
+    s_am, s_ak, s_bk, s_bn, s_om, s_on,
+    alpha, decay,
+    UPDATE: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
+                    BLOCK_M, BLOCK_N, BLOCK_K, DOT, INTERPRET)
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * s_om + offs_n[None, :].to(tl.int64) * s_on
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if UPDATE:
+        w = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+        w = w + alpha * acc  # alpha = -step_size * scale
+        # decay = -lr * weight_decay; skipped when 0 as the reference does (keeps an inf weight inf).
+        w = tl.where(decay != 0.0, w + decay * w, w)
+        store_rounded(out_ptrs, w, mask, INTERPRET)
+    else:
+        store_rounded(out_ptrs, acc, mask, INTERPRET)
+
+
+def _operands(R: torch.Tensor, P: torch.Tensor, side: str):
+    """(A, B, (M, N, K), A strides, B strides) with the product written as A @ B."""
+    check(side in SIDES, f"side must be 'left' or 'right', got {side!r}")
+    check(R.dim() == 2 and P.dim() == 2, f"R and P must be 2-D, got shapes {tuple(R.shape)} and {tuple(P.shape)}")
+    check_dtype("R", R)
+    check_dtype("P", P)
+    check_same_device(R=R, P=P)
+    if side == "left":
+        # P (m x r) @ R (r x n)
+        check(P.shape[1] == R.shape[0], f"side 'left' needs P (m, r) and R (r, n), got {tuple(P.shape)} and {tuple(R.shape)}")
+        m, r = P.shape
+        n = R.shape[1]
+        return P, R, (m, n, r), (P.stride(0), P.stride(1)), (R.stride(0), R.stride(1))
+    # R (m x r) @ Pᵀ (r x n): Pᵀ through swapped strides.
+    check(P.shape[1] == R.shape[1], f"side 'right' needs R (m, r) and P (n, r), got {tuple(R.shape)} and {tuple(P.shape)}")
+    m, r = R.shape
+    n = P.shape[0]
+    return R, P, (m, n, r), (R.stride(0), R.stride(1)), (P.stride(1), P.stride(0))
+
+
+def _launch(R, P, side, out, alpha, decay, update, dot_dtype):
+    A, B, (Mo, No, K), (s_am, s_ak), (s_bk, s_bn) = _operands(R, P, side)
+    dot = dot_code(A.dtype, B.dtype, dot_dtype)
+    check(tuple(out.shape) == (Mo, No), f"{'W' if update else 'out'} must have shape {(Mo, No)}, got {tuple(out.shape)}")
+    check_dtype("W" if update else "out", out)
+    check_same_device(R=R, out=out)
+    if Mo == 0 or No == 0:
+        return out
+    if K == 0:
+        if update:
+            # A rank-0 direction is 0: only the decay applies.
+            if decay != 0.0:
+                out.copy_(out.float().add_(out.float(), alpha=decay))
+        else:
+            out.zero_()
+        return out
+    cfg = gemm_config(Mo, No, K, A.element_size(), B.element_size(), dot, out.device)
+    grid = (triton.cdiv(Mo, cfg["BLOCK_M"]) * triton.cdiv(No, cfg["BLOCK_N"]),)
+    with device_guard(out):
+        _back_project_kernel[grid](
+            A, B, out,
+            Mo, No, K,
+            s_am, s_ak, s_bk, s_bn, out.stride(0), out.stride(1),
+            float(alpha), float(decay),
+            UPDATE=update, DOT=dot, INTERPRET=interpreting(),
+            **cfg,
+        )
+    return out
+
+
+def back_project(R: torch.Tensor, P: torch.Tensor, side: str, *, out: Optional[torch.Tensor] = None,
+                 out_dtype: Optional[torch.dtype] = None, dot_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``P R`` (side "left") or ``R Pᵀ`` (side "right"), (m, n), accumulated in fp32.
+
+    ``out_dtype`` defaults to R's dtype when R and P share one, else fp32; ``dot_dtype`` as in
+    ``project.project``. Any strides; fp32, fp16 or bf16.
+    """
+    _, _, (Mo, No, _), _, _ = _operands(R, P, side)
+    if out is None:
+        if out_dtype is None:
+            out_dtype = R.dtype if R.dtype == P.dtype else torch.float32
+        out = torch.empty((Mo, No), dtype=out_dtype, device=R.device)
+    return _launch(R, P, side, out, 0.0, 0.0, False, dot_dtype)
+
+
+def back_project_update_(W: torch.Tensor, R: torch.Tensor, P: torch.Tensor, side: str, *,
+                         step_size: float, scale: float, lr: float, weight_decay: float,
+                         dot_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """In place: ``W ← W − step_size·scale·back_project(R, P, side)``, then ``W ← W − lr·wd·W``.
+
+    Exactly ``reference.apply_update_(W, back_project(R, P, side), ...)`` with the back-projection
+    never leaving registers; W (any strides, fp32/fp16/bf16) is read once and written once, the math
+    in fp32, rounded once to W's dtype. ``dot_dtype``: see ``project.project``; pass the basis dtype to
+    multiply an fp32 ``R`` on 16-bit tensor cores.
+    """
+    decay = -lr * weight_decay if weight_decay > 0.0 else 0.0
+    return _launch(R, P, side, W, -step_size * scale, decay, True, dot_dtype)
