@@ -208,8 +208,11 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 @triton.jit
 def gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              DOT: tl.constexpr, INTERPRET: tl.constexpr):
-    """The complete-K fp32 accumulator of one (BLOCK_M x BLOCK_N) tile of A @ B (masked edges)."""
+              DOT: tl.constexpr, INTERPRET: tl.constexpr, SUMSQ: tl.constexpr):
+    """The complete-K fp32 accumulator of one (BLOCK_M x BLOCK_N) tile of A @ B (masked edges), and
+    the sums of squares along K of the operand tiles the loop reads anyway: ``SUMSQ`` = 1 gives
+    ``Σ_k A[i, k]²`` for the tile's rows i (BLOCK_M), 2 gives ``Σ_k B[k, j]²`` for its columns j
+    (BLOCK_N), of the loaded values in fp32; 0 returns an unused zero vector (no work in the loop)."""
     offs_k = tl.arange(0, BLOCK_K)
     # Rows/columns past the edge wrap onto valid ones instead of being masked (their results are
     # never stored), so only the K edge is masked in the loop (fewer live registers: measured with
@@ -219,10 +222,21 @@ def gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
     a_ptrs = a_ptr + am[:, None].to(tl.int64) * s_am + offs_k[None, :] * s_ak
     b_ptrs = b_ptr + offs_k[:, None] * s_bk + bn[None, :].to(tl.int64) * s_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SUMSQ == 2:
+        sumsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        # Reduced per K tile rather than into a 2-D accumulator: one vector of live registers more.
+        if SUMSQ == 1:
+            a32 = a.to(tl.float32)
+            sumsq += tl.sum(a32 * a32, axis=1)
+        if SUMSQ == 2:
+            b32 = b.to(tl.float32)
+            sumsq += tl.sum(b32 * b32, axis=0)
         a = dot_operand(a, DOT, INTERPRET)
         b = dot_operand(b, DOT, INTERPRET)
         if DOT == 0 or (INTERPRET and DOT == 2):
@@ -232,7 +246,7 @@ def gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
             acc = tl.dot(a, b, acc)  # 16-bit tensor cores, fp32 accumulation
         a_ptrs += BLOCK_K * s_ak
         b_ptrs += BLOCK_K * s_bk
-    return acc
+    return acc, sumsq
 
 
 @triton.jit

@@ -5,6 +5,10 @@ Programs tile the (m x n) output and loop over the rank in K tiles (any rank; th
 split). With the update epilogue the output is the weight itself: each program loads its W tile once,
 applies ``reference.apply_update_`` in fp32, ``W32 - step·α·back`` and then ``W32 + (-lr·wd)·W32``,
 and stores it once, rounded once to W's dtype. The back-projected direction never goes to memory.
+
+The SNSM variant first turns the back-projected tile into the Subset-Norm direction
+``(back + G) / (sqrt(V) + eps)``: G's tile is read once, and V (one fp32 accumulator per row, shape
+(m, 1), or per column, (1, n)) is loaded as a vector and broadcast over the tile.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from . import interpreting
 from ._common import (
     check,
     check_dtype,
+    check_fp32_state,
     check_same_device,
     device_guard,
     dot_code,
@@ -30,23 +35,38 @@ from ._common import (
 SIDES = ("left", "right")
 
 
+# EPILOGUE codes of _back_project_kernel
+STORE, UPDATE, SNSM_UPDATE = 0, 1, 2
+
+
 @triton.jit(do_not_specialize=["M", "N", "K"])  # sizes vary per matrix: one compile per layout
 def _back_project_kernel(
-    a_ptr, b_ptr, out_ptr,
+    a_ptr, b_ptr, out_ptr, g_ptr, v_ptr,
     M, N, K,
-    s_am, s_ak, s_bk, s_bn, s_om, s_on,
-    alpha, decay,
-    UPDATE: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr,
+    s_am, s_ak, s_bk, s_bn, s_om, s_on, s_gm, s_gn, s_v,
+    alpha, decay, eps,
+    EPILOGUE: tl.constexpr, V_ROWS: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
-                    BLOCK_M, BLOCK_N, BLOCK_K, DOT, INTERPRET)
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * s_om + offs_n[None, :].to(tl.int64) * s_on
+    acc, _ = gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
+                       BLOCK_M, BLOCK_N, BLOCK_K, DOT, INTERPRET, 0)
+    rows = offs_m[:, None].to(tl.int64)
+    cols = offs_n[None, :].to(tl.int64)
+    out_ptrs = out_ptr + rows * s_om + cols * s_on
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if UPDATE:
+    if EPILOGUE == 2:
+        # reference.snsm_matrix_step_: (back(M) + G − back(R)) / (sqrt(V) + eps) with acc = back(M − R);
+        # IEEE sqrt and division, as the reference.
+        g = tl.load(g_ptr + rows * s_gm + cols * s_gn, mask=mask, other=0.0).to(tl.float32)
+        if V_ROWS:
+            v = tl.load(v_ptr + offs_m.to(tl.int64) * s_v, mask=offs_m < M, other=1.0)[:, None]
+        else:
+            v = tl.load(v_ptr + offs_n.to(tl.int64) * s_v, mask=offs_n < N, other=1.0)[None, :]
+        acc = tl.div_rn(acc + g, tl.sqrt_rn(v) + eps)
+    if EPILOGUE != 0:
         w = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
         w = w + alpha * acc  # alpha = -step_size * scale
         # decay = -lr * weight_decay; skipped when 0 as the reference does (keeps an inf weight inf).
@@ -76,31 +96,49 @@ def _operands(R: torch.Tensor, P: torch.Tensor, side: str):
     return R, P, (m, n, r), (R.stride(0), R.stride(1)), (P.stride(1), P.stride(0))
 
 
-def _launch(R, P, side, out, alpha, decay, update, dot_dtype):
+def _launch(R, P, side, out, alpha, decay, epilogue, dot_dtype, G=None, V=None, eps=0.0):
     A, B, (Mo, No, K), (s_am, s_ak), (s_bk, s_bn) = _operands(R, P, side)
     dot = dot_code(A.dtype, B.dtype, dot_dtype)
+    update = epilogue != STORE
     check(tuple(out.shape) == (Mo, No), f"{'W' if update else 'out'} must have shape {(Mo, No)}, got {tuple(out.shape)}")
     check_dtype("W" if update else "out", out)
     check_same_device(R=R, out=out)
+    v_rows, s_v = False, 0
+    if epilogue == SNSM_UPDATE:
+        check_dtype("G", G)
+        check(tuple(G.shape) == (Mo, No), f"G must have W's shape {(Mo, No)}, got {tuple(G.shape)}")
+        check(tuple(V.shape) in ((Mo, 1), (1, No)),
+              f"V must have shape {(Mo, 1)} or {(1, No)} (one accumulator per row or column), got {tuple(V.shape)}")
+        check_fp32_state("V", V, tuple(V.shape))
+        check_same_device(W=out, G=G, V=V)
+        v_rows = tuple(V.shape) == (Mo, 1)
+        s_v = V.stride(0) if v_rows else V.stride(1)
+    else:
+        G = V = out  # unused pointers
     if Mo == 0 or No == 0:
         return out
     if K == 0:
-        if update:
+        if epilogue == UPDATE:
             # A rank-0 direction is 0: only the decay applies.
             if decay != 0.0:
                 out.copy_(out.float().add_(out.float(), alpha=decay))
-        else:
+            return out
+        if epilogue == STORE:
             out.zero_()
-        return out
+            return out
+        # SNSM: back(D) = 0 but G still moves W: a rank-1 zero product keeps the one kernel path.
+        A = torch.zeros((Mo, 1), dtype=torch.float32, device=out.device)
+        B = torch.zeros((1, No), dtype=torch.float32, device=out.device)
+        K, (s_am, s_ak), (s_bk, s_bn), dot = 1, A.stride(), B.stride(), 0
     cfg = gemm_config(Mo, No, K, A.element_size(), B.element_size(), dot, out.device)
     grid = (triton.cdiv(Mo, cfg["BLOCK_M"]) * triton.cdiv(No, cfg["BLOCK_N"]),)
     with device_guard(out):
         _back_project_kernel[grid](
-            A, B, out,
+            A, B, out, G, V,
             Mo, No, K,
-            s_am, s_ak, s_bk, s_bn, out.stride(0), out.stride(1),
-            float(alpha), float(decay),
-            UPDATE=update, DOT=dot, INTERPRET=interpreting(),
+            s_am, s_ak, s_bk, s_bn, out.stride(0), out.stride(1), G.stride(0), G.stride(1), s_v,
+            float(alpha), float(decay), float(eps),
+            EPILOGUE=epilogue, V_ROWS=v_rows, DOT=dot, INTERPRET=interpreting(),
             **cfg,
         )
     return out
@@ -118,7 +156,7 @@ def back_project(R: torch.Tensor, P: torch.Tensor, side: str, *, out: Optional[t
         if out_dtype is None:
             out_dtype = R.dtype if R.dtype == P.dtype else torch.float32
         out = torch.empty((Mo, No), dtype=out_dtype, device=R.device)
-    return _launch(R, P, side, out, 0.0, 0.0, False, dot_dtype)
+    return _launch(R, P, side, out, 0.0, 0.0, STORE, dot_dtype)
 
 
 def back_project_update_(W: torch.Tensor, R: torch.Tensor, P: torch.Tensor, side: str, *,
@@ -132,4 +170,20 @@ def back_project_update_(W: torch.Tensor, R: torch.Tensor, P: torch.Tensor, side
     multiply an fp32 ``R`` on 16-bit tensor cores.
     """
     decay = -lr * weight_decay if weight_decay > 0.0 else 0.0
-    return _launch(R, P, side, W, -step_size * scale, decay, True, dot_dtype)
+    return _launch(R, P, side, W, -step_size * scale, decay, UPDATE, dot_dtype)
+
+
+def back_project_snsm_update_(W: torch.Tensor, G: torch.Tensor, V: torch.Tensor, D: torch.Tensor,
+                              P: torch.Tensor, side: str, *, step_size: float, lr: float,
+                              weight_decay: float, eps: float,
+                              dot_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """In place: ``W ← W − step_size·(back_project(D, P, side) + G) / (sqrt(V) + eps)``, then
+    ``W ← W − lr·wd·W``.
+
+    ``G`` has W's shape (fp32/fp16/bf16, any strides), read once; ``V`` (fp32) is (m, 1), one
+    divisor per row, or (1, n), one per column. With ``D = M − R`` this is the SNSM step of
+    ``reference.snsm_matrix_step_`` (``back(M) − back(R) = back(M − R)``). W is read once and written
+    once, the math in fp32, rounded once to W's dtype. ``dot_dtype``: see ``project.project``.
+    """
+    decay = -lr * weight_decay if weight_decay > 0.0 else 0.0
+    return _launch(D, P, side, W, -step_size, decay, SNSM_UPDATE, dot_dtype, G=G, V=V, eps=eps)

@@ -1,10 +1,21 @@
-"""Projection GEMM ``Pᵀ G`` (side "left") / ``G P`` (side "right"), with an optional fused low-rank
-Adam epilogue.
+"""Projection GEMM ``Pᵀ G`` (side "left") / ``G P`` (side "right"), with an optional fused epilogue:
+low-rank Adam (GaLore) or subspace momentum (SNSM).
 
-With the epilogue, each program owns a complete tile of the low-rank gradient ``R`` (the whole K
-reduction, never split-K, so no atomics touch optimizer state), updates the fp32 moments ``M``, ``V``
-of that tile in place and writes the normalized direction ``N = M / (sqrt(V) + eps)``: ``R`` itself
-never goes to memory.
+With an epilogue, each program owns a complete tile of the low-rank gradient ``R`` (the whole K
+reduction, never split-K, so no atomics touch optimizer state) and ``R`` itself never goes to memory:
+
+* Adam: the fp32 moments ``M``, ``V`` of the tile are updated in place and the normalized direction
+  ``N = M / (sqrt(V) + eps)`` is written;
+* momentum: ``M ← β1·M + (1−β1)·R`` in place, and ``D = M − R`` is written (fp32), so that the
+  SNSM numerator ``back(M) + G − back(R)`` is one back-projection, ``back(D) + G``.
+
+The momentum epilogue can also update the Subset-Norm accumulator ``V ← β2·V + (1−β2)·Σ G²`` when
+its sum runs along the projection's reduction (side "right" with V of shape (m, 1), side "left"
+with V of shape (1, n): the default "std" side of every matrix): the K loop already loads every
+element of the G slab, so the squares cost no memory traffic, and the programs of the first rank
+tile, each the sole owner of its rows (columns) of V, store them (no atomics). Not yet measured on a
+GPU: should squaring the G tile in registers slow the Hopper GEMM pipeline, the standalone pass of
+``subset_norm.py`` (one more read of G) is the fallback the ops layer already uses for other sides.
 
 Tiling: right side ``G (m x n) @ P (n x r)``: programs over (m-tile, r-tile), loop over n. Left side
 ``Pᵀ (r x m) @ G (m x n)``: programs over (r-tile, n-tile), loop over m (``Pᵀ`` is read through
@@ -36,6 +47,10 @@ from ._common import (
 SIDES = ("left", "right")
 
 
+# EPILOGUE codes of _project_kernel
+STORE, ADAM, MOMENTUM = 0, 1, 2
+
+
 @triton.jit(do_not_specialize=["M", "N", "K"])  # sizes vary per matrix: one compile per layout
 def _project_kernel(
     a_ptr, b_ptr, out_ptr, m_ptr, v_ptr, n_ptr,
@@ -43,18 +58,18 @@ def _project_kernel(
     s_am, s_ak, s_bk, s_bn,
     s_om, s_on, s_mm, s_mn, s_vm, s_vn, s_nm, s_nn,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-    ADAM: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr,
+    EPILOGUE: tl.constexpr, SUMSQ: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
-                    BLOCK_M, BLOCK_N, BLOCK_K, DOT, INTERPRET)
+    acc, sumsq = gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
+                           BLOCK_M, BLOCK_N, BLOCK_K, DOT, INTERPRET, SUMSQ)
     rows = offs_m[:, None].to(tl.int64)
     cols = offs_n[None, :].to(tl.int64)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if ADAM:
+    if EPILOGUE == 1:
         # reference.lowrank_adam_: M·β1 + (1-β1)·R ; V·β2 + (1-β2)·R·R ; N = M / (sqrt(V) + eps),
         # with IEEE sqrt and division (tl.sqrt and "/" are approximate on GPUs).
         m_ptrs = m_ptr + rows * s_mm + cols * s_mn
@@ -67,8 +82,27 @@ def _project_kernel(
         tl.store(m_ptrs, m, mask=mask)
         tl.store(v_ptrs, v, mask=mask)
         tl.store(n_ptr + rows * s_nm + cols * s_nn, direction, mask=mask)
+    elif EPILOGUE == 2:
+        # reference.snsm_matrix_step_'s momentum: M·β1 + (1-β1)·R, and D = M − R for back(D) + G.
+        m_ptrs = m_ptr + rows * s_mm + cols * s_mn
+        m = tl.load(m_ptrs, mask=mask, other=0.0)
+        m = m * beta1 + one_minus_beta1 * acc
+        tl.store(m_ptrs, m, mask=mask)
+        tl.store(n_ptr + rows * s_nm + cols * s_nn, m - acc, mask=mask)
     else:
         store_rounded(out_ptr + rows * s_om + cols * s_on, acc, mask, INTERPRET)
+    if SUMSQ == 1:
+        # Row sums of A = G (side right): V (M x 1), written by the programs of the first rank tile.
+        if pid_n == 0:
+            v_ptrs = v_ptr + offs_m.to(tl.int64) * s_vm
+            v = tl.load(v_ptrs, mask=offs_m < M, other=0.0)
+            tl.store(v_ptrs, v * beta2 + one_minus_beta2 * sumsq, mask=offs_m < M)
+    if SUMSQ == 2:
+        # Column sums of B = G (side left): V (1 x N), written by the programs of the first rank tile.
+        if pid_m == 0:
+            v_ptrs = v_ptr + offs_n.to(tl.int64) * s_vn
+            v = tl.load(v_ptrs, mask=offs_n < N, other=0.0)
+            tl.store(v_ptrs, v * beta2 + one_minus_beta2 * sumsq, mask=offs_n < N)
 
 
 def _operands(G: torch.Tensor, P: torch.Tensor, side: str):
@@ -89,52 +123,77 @@ def _operands(G: torch.Tensor, P: torch.Tensor, side: str):
     return G, P, (m, r, n), (G.stride(0), G.stride(1)), (P.stride(0), P.stride(1))
 
 
-def _launch(G, P, side, out, M_state, V_state, N_out, beta1, beta2, eps, adam, dot_dtype):
+def _launch(G, P, side, epilogue, *, out=None, M_state=None, V_state=None, V_sumsq=None,
+            beta1=0.0, beta2=0.0, eps=0.0, dot_dtype=None):
+    """``epilogue``: STORE (``out``, any dtype), ADAM (``M_state``, ``V_state``; N into ``out``) or
+    MOMENTUM (``M_state``; D into ``out``), the last optionally with the Subset-Norm ``V_sumsq``."""
     A, B, (Mo, No, K), (s_am, s_ak), (s_bk, s_bn) = _operands(G, P, side)
     dot = dot_code(A.dtype, B.dtype, dot_dtype)
-    if adam:
-        check_fp32_state("M", M_state, (Mo, No))
-        check_fp32_state("V", V_state, (Mo, No))
-        check_same_device(G=G, M=M_state, V=V_state)
-        if N_out is None:
-            N_out = torch.empty((Mo, No), dtype=torch.float32, device=G.device)
-        check_fp32_state("N", N_out, (Mo, No))
-        result, out_t = N_out, N_out  # out_ptr unused with the epilogue
-    else:
+    if epilogue == STORE:
         check(tuple(out.shape) == (Mo, No), f"out must have shape {(Mo, No)}, got {tuple(out.shape)}")
         check_dtype("out", out)
-        result, out_t = out, out
-        M_state = V_state = N_out = out  # unused pointers without the epilogue
-    if Mo == 0 or No == 0:
-        return result
-    if K == 0:
-        # An empty reduction: R = 0 (keeps the kernel free of a zero-trip special case).
-        if adam:
-            return _launch_zero_k(M_state, V_state, N_out, beta1, beta2, eps)
-        out.zero_()
-        return result
-    cfg = gemm_config(Mo, No, K, A.element_size(), B.element_size(), dot, G.device, heavy_epilogue=adam)
+    else:
+        check_fp32_state("M", M_state, (Mo, No))
+        check_same_device(G=G, M=M_state)
+        if epilogue == ADAM:
+            check_fp32_state("V", V_state, (Mo, No))
+            check_same_device(G=G, V=V_state)
+        if out is None:
+            out = torch.empty((Mo, No), dtype=torch.float32, device=G.device)
+        check_fp32_state("N" if epilogue == ADAM else "D", out, (Mo, No))
+        check_same_device(G=G, out=out)
+    sumsq = 0
+    if V_sumsq is not None:
+        m, n = G.shape
+        want = (m, 1) if side == "right" else (1, n)
+        check(
+            tuple(V_sumsq.shape) == want,
+            f"the fused Subset-Norm sum runs along the projection's reduction: side {side!r} needs V of "
+            f"shape {want}, got {tuple(V_sumsq.shape)} (kernels.subset_norm.subset_norm_ does the other sum)",
+        )
+        check_fp32_state("V", V_sumsq, want)
+        check_same_device(G=G, V=V_sumsq)
+        sumsq = 1 if side == "right" else 2
+    if Mo == 0 or No == 0 or K == 0:
+        return _launch_degenerate(G, out, M_state, V_state, V_sumsq, beta1, beta2, eps, epilogue)
+    M_t = M_state if M_state is not None else out  # unused pointers where the epilogue has none
+    V_t = V_state if V_state is not None else (V_sumsq if V_sumsq is not None else out)
+    cfg = gemm_config(Mo, No, K, A.element_size(), B.element_size(), dot, G.device,
+                      heavy_epilogue=epilogue != STORE)
     grid = (triton.cdiv(Mo, cfg["BLOCK_M"]) * triton.cdiv(No, cfg["BLOCK_N"]),)
     with device_guard(G):
         _project_kernel[grid](
-            A, B, out_t, M_state, V_state, N_out,
+            A, B, out, M_t, V_t, out,
             Mo, No, K,
             s_am, s_ak, s_bk, s_bn,
-            out_t.stride(0), out_t.stride(1),
-            M_state.stride(0), M_state.stride(1), V_state.stride(0), V_state.stride(1),
-            N_out.stride(0), N_out.stride(1),
+            out.stride(0), out.stride(1),
+            M_t.stride(0), M_t.stride(1), V_t.stride(0), V_t.stride(1),
+            out.stride(0), out.stride(1),
             float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps),
-            ADAM=adam, DOT=dot, INTERPRET=interpreting(),
+            EPILOGUE=epilogue, SUMSQ=sumsq, DOT=dot, INTERPRET=interpreting(),
             **cfg,
         )
-    return result
+    return out
 
 
-def _launch_zero_k(M_state, V_state, N_out, beta1, beta2, eps):
-    M_state.mul_(beta1)
-    V_state.mul_(beta2)
-    torch.div(M_state, V_state.sqrt().add_(eps), out=N_out)
-    return N_out
+def _launch_degenerate(G, out, M_state, V_state, V_sumsq, beta1, beta2, eps, epilogue):
+    """An empty output or an empty reduction (R = 0): keeps the kernel free of zero-trip cases."""
+    if V_sumsq is not None:
+        from .subset_norm import subset_norm_
+
+        subset_norm_(G, V_sumsq, beta2=beta2)
+    if out.numel() == 0:
+        return out
+    if epilogue == STORE:
+        out.zero_()
+    elif epilogue == ADAM:
+        M_state.mul_(beta1)
+        V_state.mul_(beta2)
+        torch.div(M_state, V_state.sqrt().add_(eps), out=out)
+    else:
+        M_state.mul_(beta1)
+        out.copy_(M_state)
+    return out
 
 
 def project(G: torch.Tensor, P: torch.Tensor, side: str, *, out: Optional[torch.Tensor] = None,
@@ -150,7 +209,7 @@ def project(G: torch.Tensor, P: torch.Tensor, side: str, *, out: Optional[torch.
         if out_dtype is None:
             out_dtype = G.dtype if G.dtype == P.dtype else torch.float32
         out = torch.empty((Mo, No), dtype=out_dtype, device=G.device)
-    return _launch(G, P, side, out, None, None, None, 0.0, 0.0, 0.0, False, dot_dtype)
+    return _launch(G, P, side, STORE, out=out, dot_dtype=dot_dtype)
 
 
 def project_adam_(G: torch.Tensor, P: torch.Tensor, side: str, M: torch.Tensor, V: torch.Tensor, *,
@@ -159,4 +218,20 @@ def project_adam_(G: torch.Tensor, P: torch.Tensor, side: str, M: torch.Tensor, 
     """``R = project(G, P, side)`` kept in registers, then ``reference.lowrank_adam_(R, M, V, ...)``:
     the fp32 moments ``M``, ``V`` (shape of R) are updated in place and ``N = M / (sqrt(V) + eps)``
     (fp32) is returned (written into ``out`` when given)."""
-    return _launch(G, P, side, None, M, V, out, beta1, beta2, eps, True, dot_dtype)
+    return _launch(G, P, side, ADAM, out=out, M_state=M, V_state=V, beta1=beta1, beta2=beta2, eps=eps,
+                   dot_dtype=dot_dtype)
+
+
+def project_momentum_(G: torch.Tensor, P: torch.Tensor, side: str, M: torch.Tensor,
+                      V: Optional[torch.Tensor] = None, *, beta1: float, beta2: float = 0.0,
+                      out: Optional[torch.Tensor] = None,
+                      dot_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``R = project(G, P, side)`` kept in registers; ``M ← β1·M + (1−β1)·R`` in place (fp32, shape of
+    R); returns ``D = M − R`` (fp32, the new M; written into ``out`` when given).
+
+    With ``V`` (fp32), also ``V ← β2·V + (1−β2)·Σ G²`` summed along the projection's reduction, from
+    the G tiles the GEMM loads anyway: side "right" sums each row (V of shape (m, 1)), side "left"
+    each column (V of shape (1, n)). For the other orientation use ``subset_norm.subset_norm_``.
+    """
+    return _launch(G, P, side, MOMENTUM, out=out, M_state=M, V_sumsq=V, beta1=beta1, beta2=beta2,
+                   dot_dtype=dot_dtype)

@@ -2,10 +2,10 @@
 
 ``project`` / ``back_project`` are ``torch.library`` custom ops (``torch.ops.subspace_ops.*``) with
 autograd formulas for both inputs and fake (meta) kernels, so they differentiate and trace under
-``torch.compile(fullgraph=True)``. ``galore_matrix_step_`` / ``adam_step_`` / ``lowrank_adam_`` are
-the optimizer's in-place steps: on the Triton backend a composition of the fused kernels in
-``subspace_ops.kernels`` (projection with the Adam update in its epilogue, then back-projection with
-the weight update in its epilogue), else ``subspace_ops.reference``.
+``torch.compile(fullgraph=True)``. ``galore_matrix_step_`` / ``snsm_matrix_step_`` / ``adam_step_`` /
+``lowrank_adam_`` are the optimizers' in-place steps: on the Triton backend a composition of the fused
+kernels in ``subspace_ops.kernels`` (projection with the Adam or momentum update in its epilogue, then
+back-projection with the weight update in its epilogue), else ``subspace_ops.reference``.
 
 Backend choice (``resolve_backend``): ``backend=None`` reads ``SUBSPACE_OPS_BACKEND`` at call time
 (unset or empty = ``"auto"``). ``"auto"`` is Triton for CUDA tensors of fp32/fp16/bf16 when Triton is
@@ -248,6 +248,64 @@ def galore_matrix_step_(
     else:
         N = _kproject.project_adam_(G, basis, side, M, V, **hyper)
         _kback.back_project_update_(W, N, basis, side, dot_dtype=basis.dtype, **update)
+
+
+def snsm_matrix_step_(
+    W: Tensor,
+    G: Tensor,
+    basis: Basis,
+    M: Tensor,
+    V: Tensor,
+    *,
+    backend: Optional[str] = None,
+    side: str,
+    step_size: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One Subset-Norm + Subspace-Momentum update of a 2-D weight ``W`` (in place), its fp32
+    momentum ``M`` (low-rank shape) and Subset-Norm accumulator ``V`` ((m, 1) or (1, n)); see
+    ``reference.snsm_matrix_step_``.
+
+    Triton, one side: ``D = M_new − R`` from the projection with the momentum update in its epilogue
+    (``R = project(G)`` never leaves registers), then ``W ← (W − step·(back(D) + G)/(sqrt(V)+ε))``
+    and the decay in the back-projection's epilogue (G read there once more, W read and written
+    once), since ``back(M) + G − back(R) = back(M − R) + G``. V's sum of squares runs in the
+    projection's GEMM loop when it is along the projection's reduction (side "right" with V (m, 1),
+    "left" with V (1, n): the "std" side of every matrix), else in a standalone pass over G
+    (``kernels.subset_norm``). As in ``galore_matrix_step_``, the back-projection multiplies on the
+    basis dtype's tensor cores: with a 16-bit basis the fp32 ``D`` is rounded once to it. Side
+    ``"full"`` composes the same pieces with one fp32 GEMM on each side (``Plᵀ G``, then ``Pl D``),
+    in the reference's association, and always takes the standalone V pass.
+    """
+    _check_step_basis(basis, side)
+    hyper = dict(step_size=step_size, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    if resolve_backend(backend, W) == "reference":
+        reference.snsm_matrix_step_(W, G, basis, M, V, side=side, **hyper)
+        return
+    from .kernels import backproject as _kback
+    from .kernels import project as _kproject
+    from .kernels import subset_norm as _ksn
+
+    update = dict(step_size=step_size, lr=lr, weight_decay=weight_decay, eps=eps)
+    if side == "full":
+        Pl, Pr = basis
+        _ksn.subset_norm_(G, V, beta2=beta2)
+        T = _kproject.project(G, Pl, "left", out_dtype=torch.float32)
+        D = _kproject.project_momentum_(T, Pr, "right", M, beta1=beta1)
+        Y = _kback.back_project(D, Pl, "left", out_dtype=torch.float32)
+        _kback.back_project_snsm_update_(W, G, V, Y, Pr, "right", dot_dtype=Pr.dtype, **update)
+        return
+    m, n = G.shape
+    if tuple(V.shape) == ((m, 1) if side == "right" else (1, n)):
+        D = _kproject.project_momentum_(G, basis, side, M, V, beta1=beta1, beta2=beta2)
+    else:
+        _ksn.subset_norm_(G, V, beta2=beta2)
+        D = _kproject.project_momentum_(G, basis, side, M, beta1=beta1)
+    _kback.back_project_snsm_update_(W, G, V, D, basis, side, dot_dtype=basis.dtype, **update)
 
 
 def adam_step_(

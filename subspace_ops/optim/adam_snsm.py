@@ -51,8 +51,10 @@ class AdamSNSM(SubspaceOptimizer):
     LR about 10x Adam's (0.05 vs 0.005 on LLaMA-60M); since non-matrix parameters take Adam at the
     group's LR, give them their own group with an Adam LR. ``eps = 1e-6``, ``betas = (0.9, 0.999)``.
 
-    ``backend`` is validated as in ``GaLoreAdamW``; the SNSM matrix update runs the reference path
-    (no fused kernel yet), plain parameters go through ``subspace_ops.ops``.
+    ``backend`` as in ``GaLoreAdamW``: on the Triton backend the SNSM matrix update is
+    ``ops.snsm_matrix_step_``'s fused kernels (projection with the momentum update, and for the "std"
+    side the Subset-Norm sum, in its epilogue; back-projection with the weight update in its
+    epilogue), and plain parameters take the fused AdamW kernel.
     """
 
     lowrank_defaults = SNSM_DEFAULTS
@@ -79,8 +81,8 @@ class AdamSNSM(SubspaceOptimizer):
         state["exp_avg_sq"] = torch.zeros(reference.subset_norm_shape(m, n), dtype=torch.float32, device=p.device)
 
     def _matrix_update(self, W: Tensor, G: Tensor, basis, state: dict, group: dict, side: str, hyper: dict) -> None:
-        ops.resolve_backend(self.backend, W)
-        reference.snsm_matrix_step_(W, G, basis, state["exp_avg"], state["exp_avg_sq"], side=side, **hyper)
+        ops.snsm_matrix_step_(W, G, basis, state["exp_avg"], state["exp_avg_sq"], backend=self.backend, side=side,
+                              **hyper)
 
     def _on_basis_change(self, state: dict, group: dict, side: str, old, new, refresh: bool) -> None:
         # v lives in the full space: only the subspace momentum is affected by a basis change.
