@@ -19,8 +19,10 @@ OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python}
-TESTS_TIMEOUT=${TESTS_TIMEOUT:-210}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-170}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-150}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-210}
+# The bench stops starting new cases after this many seconds (rows are written as they finish).
+BENCH_BUDGET=${BENCH_BUDGET:-170}
 # The GPU tests must see the real device, never the CPU interpreter.
 unset TRITON_INTERPRET SUBSPACE_OPS_BACKEND || true
 
@@ -55,7 +57,7 @@ if "$PY" -c "import bench" >/dev/null 2>&1; then
         MD_ARGS=(--md "$BASE.md")
     fi
     set +e
-    timeout "$BENCH_TIMEOUT" "$PY" -m bench --device cuda --json "$BASE.json" ${MD_ARGS[@]+"${MD_ARGS[@]}"} 2>&1 | tee "$BASE.log"
+    timeout "$BENCH_TIMEOUT" "$PY" -m bench --device cuda --time-budget "$BENCH_BUDGET" --json "$BASE.json" ${MD_ARGS[@]+"${MD_ARGS[@]}"} 2>&1 | tee "$BASE.log"
     BENCH_RC=${PIPESTATUS[0]}
     set -e
     if [[ ${#MD_ARGS[@]} -eq 0 || ! -s "$BASE.md" ]]; then
