@@ -16,6 +16,7 @@ from typing import Callable, Tuple
 import torch
 
 from subspace_ops import projectors, reference
+from subspace_ops._galore_torch import import_galore_torch
 from subspace_ops.optim import GaLoreAdamW
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -184,44 +185,6 @@ def _lowrank_group(p, rank: int, **extra) -> list:
     group = {"params": [p], "rank": rank, "update_proj_gap": NEVER, "scale": SCALE, "proj_type": "std"}
     group.update(extra)
     return [group]
-
-
-# -- galore-torch ---------------------------------------------------------------------------------
-def import_galore_torch():
-    """galore-torch 1.0, with stand-ins for ``transformers``/``bitsandbytes`` only where missing."""
-    try:
-        from subspace_ops._galore_torch import import_galore_torch as _import
-    except ImportError:
-        _import = _import_galore_torch_fallback
-    return _import()
-
-
-def _import_galore_torch_fallback():
-    import sys
-    import types
-
-    if importlib.util.find_spec("galore_torch") is None:
-        raise ImportError("galore-torch is not installed: pip install --no-deps galore-torch==1.0")
-
-    def stub(name, **attrs):
-        mod = types.ModuleType(name)
-        mod.__dict__.update(attrs)
-        sys.modules[name] = mod
-
-    try:
-        importlib.import_module("transformers.utils.versions")
-    except ImportError:
-        stub("transformers")
-        stub("transformers.utils")
-        stub("transformers.utils.versions", require_version=lambda *a, **k: None)
-    try:
-        importlib.import_module("bitsandbytes")
-    except ImportError:
-        stub("bitsandbytes")
-        stub("bitsandbytes.functional")
-        stub("bitsandbytes.optim")
-        stub("bitsandbytes.optim.optimizer", Optimizer2State=object)
-    return importlib.import_module("galore_torch")
 
 
 # -- Triton launchers ----------------------------------------------------------------------------
