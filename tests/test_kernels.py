@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 from subspace_ops.kernels import backproject as kb  # noqa: E402
 from subspace_ops.kernels import lowrank_adam as ka  # noqa: E402
 from subspace_ops.kernels import project as kp  # noqa: E402
+from _numerics import rel_err, within_one_rounding  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 DTYPES = list(TOL)
@@ -25,28 +26,6 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.gpu),
 ]
 HYPER = dict(beta1=0.9, beta2=0.99, eps=1e-6)
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of ``dtype`` values around |x| (fp32 result)."""
-    info = torch.finfo(dtype)
-    mant = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}[dtype]
-    a = x.double().abs().clamp_min(info.tiny)
-    return torch.exp2(torch.floor(torch.log2(a)) - mant)
-
-
-def within_one_rounding(W, W_ref, W_old, dtype) -> bool:
-    """Elementwise: W and W_ref are one rounding into ``dtype`` of fp32 values that differ only by
-    summation order (fp32 noise, at most ~1e-6 of the update W_ref - W_old): at most one unit in the
-    last place apart, plus that noise where the update cancels the weight down to a few ulps."""
-    diff = (W.double() - W_ref.double()).abs()
-    update = (W_ref.double() - W_old.double()).abs()
-    return bool((diff <= ulp(W_ref, dtype) + 1e-6 * update).all())
 
 
 def make(shape, dtype, device, seed=0, scale=1.0):

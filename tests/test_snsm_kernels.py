@@ -21,6 +21,7 @@ from subspace_ops.kernels import backproject as kb  # noqa: E402
 from subspace_ops.kernels import lowrank_adam as ka  # noqa: E402
 from subspace_ops.kernels import project as kp  # noqa: E402
 from subspace_ops.kernels import subset_norm as ks  # noqa: E402
+from _numerics import rel_err, within_one_rounding  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 DTYPES = list(TOL)
@@ -33,27 +34,6 @@ needs_interpreter = pytest.mark.skipif(
 DEVICES = [pytest.param("cpu", marks=needs_interpreter), pytest.param("cuda", marks=pytest.mark.gpu)]
 B1, B2, EPS = 0.9, 0.99, 1e-6
 UPDATE = dict(step_size=0.05, lr=0.1, weight_decay=0.1, eps=EPS)
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of ``dtype`` values around |x|."""
-    info = torch.finfo(dtype)
-    mant = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}[dtype]
-    a = x.double().abs().clamp_min(info.tiny)
-    return torch.exp2(torch.floor(torch.log2(a)) - mant)
-
-
-def within_one_rounding(W, W_ref, W_old, dtype) -> bool:
-    """W and W_ref are one rounding into ``dtype`` of fp32 values that differ only by summation
-    order: at most one unit in the last place apart, plus fp32 noise of the update."""
-    diff = (W.double() - W_ref.double()).abs()
-    update = (W_ref.double() - W_old.double()).abs()
-    return bool((diff <= ulp(W_ref, dtype) + 1e-6 * update).all())
 
 
 def make(shape, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
