@@ -1,0 +1,145 @@
+"""The demo (python -m subspace_ops.demo) at tiny sizes: it trains, reports, plots and parses flags."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from subspace_ops import demo
+
+# A tiny model and run: the three optimizers together take a few seconds on 2 CPU cores.
+TINY = [
+    "--steps", "40", "--d-model", "32", "--layers", "1", "--heads", "2", "--context", "16",
+    "--batch-size", "8", "--rank", "4", "--update-proj-gap", "10", "--eval-every", "20",
+    "--eval-windows", "32", "--no-progress", "--device", "cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_rows():
+    return demo.main(TINY)
+
+
+def test_rows_for_every_optimizer(tiny_rows):
+    assert [r["optimizer"] for r in tiny_rows] == list(demo.OPTIMIZERS)
+    for r in tiny_rows:
+        for key in ("val_loss", "initial_val_loss", "state_bytes", "state_ratio", "step_ms", "opt_step_ms"):
+            assert key in r
+        assert len(r["train_losses"]) == 40
+        assert [s for s, _ in r["val_curve"]] == [0, 20, 40]
+
+
+def test_losses_finite_and_decrease(tiny_rows):
+    for r in tiny_rows:
+        assert all(math.isfinite(x) for x in r["train_losses"]), r["optimizer"]
+        assert math.isfinite(r["val_loss"])
+        # Untrained: about ln(vocab) = ln(103) = 4.63 nats; 40 steps get well below it.
+        assert r["initial_val_loss"] == pytest.approx(math.log(103), abs=0.15)
+        assert r["val_loss"] < r["initial_val_loss"] - 0.5, r["optimizer"]
+        assert r["train_losses"][-1] < r["train_losses"][0] - 0.5, r["optimizer"]
+
+
+def test_same_initial_weights_for_every_optimizer(tiny_rows):
+    first = tiny_rows[0]
+    for r in tiny_rows[1:]:
+        assert r["initial_val_loss"] == first["initial_val_loss"]
+        assert r["train_losses"][0] == first["train_losses"][0]  # same init, same first batch
+
+
+def test_galore_state_smaller_than_adamw(tiny_rows):
+    by_name = {r["optimizer"]: r for r in tiny_rows}
+    adamw = by_name["adamw"]
+    assert adamw["state_ratio"] == 1.0
+    for name in ("galore", "galore_rand"):
+        assert 0 < by_name[name]["state_bytes"] < adamw["state_bytes"]
+        assert by_name[name]["state_ratio"] == by_name[name]["state_bytes"] / adamw["state_bytes"]
+
+
+def test_adamw_state_bytes_counted_like_torch():
+    model = torch.nn.Linear(5, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 5)).sum().backward()
+    opt.step()
+    # two fp32 moments per parameter plus a scalar fp32 step per parameter tensor
+    assert demo.optimizer_state_bytes(opt) == 2 * 4 * (15 + 3) + 2 * 4
+
+
+def test_threads_restored_after_main():
+    before = torch.get_num_threads()
+    demo.main(TINY + ["--optim", "adamw", "--steps", "2", "--threads", "1"])
+    assert torch.get_num_threads() == before
+
+
+def test_reproducible():
+    argv = TINY + ["--optim", "galore_rand", "--steps", "5"]
+    a, b = demo.main(argv), demo.main(argv)
+    assert a[0]["train_losses"] == b[0]["train_losses"]
+    assert a[0]["val_loss"] == b[0]["val_loss"]
+
+
+def test_table_printed_and_json_written(tmp_path, capsys):
+    path = tmp_path / "rows.json"
+    rows = demo.main(TINY + ["--steps", "3", "--optim", "galore", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert "optimizer" in out and "val loss" in out and "state MiB" in out
+    assert any(line.startswith("galore ") for line in out.splitlines())
+    data = json.loads(path.read_text())
+    assert data["rows"][0]["optimizer"] == "galore"
+    assert data["rows"][0]["val_loss"] == rows[0]["val_loss"]
+    assert data["config"]["steps"] == 3
+    # Without an AdamW row the ratio is against what torch AdamW would hold.
+    assert 0 < rows[0]["state_ratio"] < 1
+
+
+def test_progress_bar_in_a_log(capsys):
+    demo.main([a for a in TINY if a != "--no-progress"] + ["--steps", "10", "--optim", "adamw"])
+    err = capsys.readouterr().err
+    assert "adamw" in err and "10/10" in err and "it/s" in err
+    assert "\r" not in err  # not a terminal: whole lines, no in-place redraw
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "loss.png"
+    demo.main(TINY + ["--steps", "4", "--eval-every", "2", "--plot", str(path)])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        demo.main(TINY + ["--plot", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--optim", "sgd"], "unknown"),
+        (["--optim", ","], "unknown"),
+        (["--steps", "0"], "--steps must be a positive integer"),
+        (["--rank", "-1"], "--rank must be a positive integer"),
+        (["--threads", "0"], "--threads must be a positive integer"),
+        (["--d-model", "30", "--heads", "4"], "divisible"),
+        (["--warmup-fraction", "1.5"], "--warmup-fraction"),
+    ],
+)
+def test_bad_flags(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_help_subprocess():
+    env = dict(os.environ)
+    result = subprocess.run(
+        [sys.executable, "-m", "subspace_ops.demo", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    for flag in ("--steps", "--rank", "--device", "--plot", "--optim", "--lr", "--galore-lr"):
+        assert flag in result.stdout
+    for name in demo.OPTIMIZERS:
+        assert name in result.stdout
