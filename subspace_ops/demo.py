@@ -181,19 +181,17 @@ def make_adamw(model: nn.Module, args) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
 
-def _galore_groups(model: nn.Module, args, projector: str) -> List[dict]:
+def _galore_groups(model: nn.Module, args, projector: str, lowrank_lr=None, **options) -> List[dict]:
+    if "scale" not in options:
+        options["scale"] = args.galore_scale
     groups = subspace_ops.lowrank_param_groups(
-        model,
-        rank=args.rank,
-        update_proj_gap=args.update_proj_gap,
-        scale=args.galore_scale,
-        projector=projector,
+        model, rank=args.rank, update_proj_gap=args.update_proj_gap, projector=projector, **options
     )
     # The low-rank matrices take --galore-lr (their update is multiplied by --galore-scale);
     # embeddings, head, norms and biases take plain AdamW steps at --lr.
     for group in groups:
         if "rank" in group:
-            group["lr"] = args.galore_lr
+            group["lr"] = args.galore_lr if lowrank_lr is None else lowrank_lr
     return groups
 
 
@@ -211,11 +209,48 @@ def make_galore_rand(model: nn.Module, args) -> torch.optim.Optimizer:
     )
 
 
+def make_osd(model: nn.Module, args) -> torch.optim.Optimizer:
+    """GaLoreAdamW with Online Subspace Descent: the basis follows the gradients every step."""
+    return subspace_ops.GaLoreAdamW(
+        _galore_groups(model, args, "online_pca"), lr=args.lr, weight_decay=args.weight_decay
+    )
+
+
+def make_galore_srht(model: nn.Module, args) -> torch.optim.Optimizer:
+    """GaLoreAdamW with a seeded subsampled randomized Hadamard basis (no SVD), moments transported."""
+    return subspace_ops.GaLoreAdamW(
+        _galore_groups(model, args, "srht", transport_moments=True), lr=args.lr, weight_decay=args.weight_decay
+    )
+
+
+def make_galore_gauss(model: nn.Module, args) -> torch.optim.Optimizer:
+    """GaLoreAdamW with a seeded Gaussian projection (Flora), moments transported."""
+    return subspace_ops.GaLoreAdamW(
+        _galore_groups(model, args, "gaussian", transport_moments=True), lr=args.lr, weight_decay=args.weight_decay
+    )
+
+
+def make_snsm(model: nn.Module, args) -> torch.optim.Optimizer:
+    """AdamSNSM: subset-norm step sizes, subspace momentum (matrices: --snsm-lr, the rest: --lr)."""
+    groups = _galore_groups(model, args, "svd", lowrank_lr=args.snsm_lr)
+    for group in groups:
+        group.pop("scale", None)  # SNSM has no scale
+    return subspace_ops.AdamSNSM(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
 OPTIMIZERS: Dict[str, Callable[[nn.Module, argparse.Namespace], torch.optim.Optimizer]] = {
     "adamw": make_adamw,
     "galore": make_galore,
     "galore_rand": make_galore_rand,
+    "osd": make_osd,
+    "galore_srht": make_galore_srht,
+    "galore_gauss": make_galore_gauss,
+    "snsm": make_snsm,
 }
+
+
+# What runs by default: within 3 minutes on 2 CPU cores. `--optim all` runs every entry above.
+DEFAULT_OPTIMIZERS = ("adamw", "galore", "galore_rand")
 
 
 def _describe(factory: Callable) -> str:
@@ -312,6 +347,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def train_one(name: str, model: nn.Module, train: Tensor, val_xy, args, device: torch.device) -> dict:
     """Train ``model`` in place with optimizer ``name``; return its result row."""
     optimizer = OPTIMIZERS[name](model, args)
+    grad_filter = None if args.grokfast == "none" else subspace_ops.GradFilter(model, mode=args.grokfast)
     warmup = max(1, int(args.steps * args.warmup_fraction))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.steps, warmup))
     # The same batches, in the same order, for every optimizer.
@@ -332,6 +368,8 @@ def train_one(name: str, model: nn.Module, train: Tensor, val_xy, args, device: 
         loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_filter is not None:
+            grad_filter.apply()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         _sync(device)
@@ -366,6 +404,7 @@ def train_one(name: str, model: nn.Module, train: Tensor, val_xy, args, device: 
         "state_bytes": optimizer_state_bytes(optimizer),
         "step_ms": 1e3 * statistics.median(step_s[skip:]),
         "opt_step_ms": 1e3 * statistics.median(opt_s[skip:]),
+        **subspace_summary(optimizer),
         "train_losses": train_losses,
         "val_curve": val_curve,
     }
@@ -376,8 +415,27 @@ def train_one(name: str, model: nn.Module, train: Tensor, val_xy, args, device: 
 # ------------------------------------------------------------------------------------------------
 
 
+def subspace_summary(optimizer: torch.optim.Optimizer) -> dict:
+    """Means over the low-rank matrices of ``subspace_stats()`` at their last refresh (None for
+    optimizers without subspaces): captured gradient energy and the smallest principal-angle cosine
+    between the replaced and the new basis (1: the subspace did not move)."""
+    if not hasattr(optimizer, "subspace_stats"):
+        return {"energy": None, "min_cosine": None}
+    stats = list(optimizer.subspace_stats().values())
+    energies = [s["energy_at_refresh"] for s in stats if s.get("energy_at_refresh") is not None]
+    cosines = [float(s["cosines"].min()) for s in stats if s.get("cosines") is not None and s["cosines"].numel()]
+    return {
+        "energy": statistics.fmean(energies) if energies else None,
+        "min_cosine": statistics.fmean(cosines) if cosines else None,
+    }
+
+
 def format_table(rows: List[dict]) -> str:
-    header = ("optimizer", "val loss", "state MiB", "vs AdamW", "step ms", "opt.step ms")
+    header = ("optimizer", "val loss", "state MiB", "vs AdamW", "step ms", "opt.step ms", "energy", "min cos")
+
+    def opt(value):
+        return "-" if value is None else f"{value:.3f}"
+
     body = [
         (
             r["optimizer"],
@@ -386,6 +444,8 @@ def format_table(rows: List[dict]) -> str:
             f"{r['state_ratio']:.3f}",
             f"{r['step_ms']:.1f}",
             f"{r['opt_step_ms']:.2f}",
+            opt(r["energy"]),
+            opt(r["min_cosine"]),
         )
         for r in rows
     ]
@@ -398,7 +458,9 @@ def format_table(rows: List[dict]) -> str:
     lines += [fmt(row) for row in body]
     lines.append(
         "state MiB: every tensor in optimizer.state; step ms: median forward + backward + clip + "
-        "optimizer.step(); opt.step ms: median optimizer.step() alone"
+        "optimizer.step(); opt.step ms: median optimizer.step() alone; energy: captured gradient "
+        "energy |project(G)|^2/|G|^2 at the last refresh, min cos: smallest principal-angle cosine "
+        "between the old and new basis there (means over the low-rank matrices)"
     )
     return "\n".join(lines)
 
@@ -465,7 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--optim", default=",".join(OPTIMIZERS), help=f"comma-separated optimizers to run ({optim_help})")
+    p.add_argument(
+        "--optim", default=",".join(DEFAULT_OPTIMIZERS),
+        help=f"comma-separated optimizers to run, or 'all' ({optim_help})",
+    )
     p.add_argument("--steps", type=int, default=300, help="training steps per optimizer")
     p.add_argument("--rank", type=int, default=32, help="GaLore rank")
     p.add_argument("--update-proj-gap", type=int, default=50, help="GaLore: steps between basis refreshes")
@@ -479,6 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--galore-lr", type=float, default=4e-2,
         help="peak learning rate of GaLore's low-rank matrices, whose update is also multiplied by "
         "--galore-scale (4e-2 x 0.25 = 1e-2 per step); GaLore's best of 3e-3, 1e-2, 2e-2, 4e-2, 8e-2",
+    )
+    p.add_argument(
+        "--snsm-lr", type=float, default=1e-2,
+        help="peak learning rate of AdamSNSM's low-rank matrices (SNSM wants a larger LR than Adam)",
+    )
+    p.add_argument(
+        "--grokfast", choices=("none", "ema", "ma"), default="none",
+        help="apply a Grokfast gradient filter (subspace_ops.GradFilter) between backward and step, for every optimizer",
     )
     p.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay (all optimizers)")
     p.add_argument("--warmup-fraction", type=float, default=0.1, help="fraction of steps of linear LR warm-up, then cosine decay to 10%%")
@@ -507,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.optim_names = [n.strip() for n in args.optim.split(",") if n.strip()]
+    names = list(OPTIMIZERS) if args.optim.strip() == "all" else args.optim.split(",")
+    args.optim_names = [n.strip() for n in names if n.strip()]
     unknown = [n for n in args.optim_names if n not in OPTIMIZERS]
     if unknown or not args.optim_names:
         parser.error(f"--optim: unknown {unknown or 'empty list'}; choose from {', '.join(OPTIMIZERS)}")

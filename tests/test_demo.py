@@ -24,7 +24,7 @@ def tiny_rows():
 
 
 def test_rows_for_every_optimizer(tiny_rows):
-    assert [r["optimizer"] for r in tiny_rows] == list(demo.OPTIMIZERS)
+    assert [r["optimizer"] for r in tiny_rows] == list(demo.DEFAULT_OPTIMIZERS)
     for r in tiny_rows:
         for key in ("val_loss", "initial_val_loss", "state_bytes", "state_ratio", "step_ms", "opt_step_ms"):
             assert key in r
@@ -56,6 +56,20 @@ def test_galore_state_smaller_than_adamw(tiny_rows):
     for name in ("galore", "galore_rand"):
         assert 0 < by_name[name]["state_bytes"] < adamw["state_bytes"]
         assert by_name[name]["state_ratio"] == by_name[name]["state_bytes"] / adamw["state_bytes"]
+
+
+@pytest.mark.parametrize("grokfast", ["none", "ema"])
+def test_every_other_optimizer_trains_and_reports_subspace_stats(grokfast):
+    others = [n for n in demo.OPTIMIZERS if n not in demo.DEFAULT_OPTIMIZERS]
+    assert {"osd", "snsm", "galore_srht", "galore_gauss"} <= set(others)
+    rows = demo.main(TINY + ["--optim", ",".join(others), "--grokfast", grokfast])
+    assert [r["optimizer"] for r in rows] == others
+    for r in rows:
+        assert math.isfinite(r["val_loss"]) and r["val_loss"] < r["initial_val_loss"] - 0.5, r["optimizer"]
+        # 40 steps, refresh every 10: every subspace optimizer has refreshed and reports its stats
+        assert 0.0 < r["energy"] <= 1.0 + 1e-6, r["optimizer"]
+        assert r["min_cosine"] is None or 0.0 <= r["min_cosine"] <= 1.0 + 1e-6
+    assert demo.main(TINY + ["--optim", "all", "--steps", "2"])[-1]["optimizer"] == list(demo.OPTIMIZERS)[-1]
 
 
 def test_adamw_state_bytes_counted_like_torch():
