@@ -5,6 +5,7 @@ meaningless, the report's structure and arithmetic are what is checked.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -35,9 +36,12 @@ def _run(args, timeout=240):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    js, md = out / "rows.json", out / "report.md"
-    proc = _run(["-m", "bench", "--smoke", "--device", "cpu", "--json", str(js), "--md", str(md)])
+    js, md, png = out / "rows.json", out / "report.md", out / "plot.png"
+    plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []
+    proc = _run(["-m", "bench", "--smoke", "--device", "cpu", "--json", str(js), "--md", str(md), *plot])
     assert proc.returncode == 0, proc.stderr[-4000:]
+    if plot:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return proc, json.loads(js.read_text()), md.read_text()
 
 
