@@ -15,12 +15,12 @@ from typing import Callable, Tuple
 
 import torch
 
-from subspace_ops import projectors, reference
+from subspace_ops import ops, projectors, reference
 from subspace_ops._galore_torch import import_galore_torch
 from subspace_ops.optim import GaLoreAdamW
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OPS = ("step", "refresh", "project", "project_adam", "back_project_update", "lowrank_adam")
+OPS = ("step", "refresh", "project", "project_adam", "back_project_update", "lowrank_adam", "snsm_step")
 STEP_PROVIDERS = ("triton", "reference", "galore_torch", "torch_adamw_fused", "torch_adamw_foreach")
 OP_PROVIDERS = ("reference", "triton")
 SUBSPACE_STEP = ("triton", "reference", "galore_torch")
@@ -156,6 +156,12 @@ def analytic(op: str, provider: str, spec: Spec) -> Tuple[int, int, str]:
         return 2 * mn * e + basis * e + low * 4, 2 * mn * r, "W -= step*scale*(P N), in place"
     if op == "lowrank_adam":
         return 6 * low * 4, 0, "R in; M, V read+written; N out (all fp32)"
+    if op == "snsm_step":
+        # G read twice (the complement term needs G again after the whole projection), W read and
+        # written, the basis read by both GEMMs, M read+written, D = M - R written and read back,
+        # the subset-norm accumulator (max(m, n) fp32) read+written and read again.
+        return (4 * mn * e + 2 * basis * e + 4 * low * 4 + 3 * max(m, n) * 4, 4 * mn * r,
+                "AdamSNSM matrix update; std side: V summed inside the projection")
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -202,6 +208,8 @@ def make_bench(op: str, provider: str, spec: Spec, inputs: dict) -> Bench:
         return _make_step(provider, spec, inputs)
     if op == "refresh":
         return _make_refresh(provider, spec, inputs)
+    if op == "snsm_step":
+        return _make_snsm_step(provider, spec, inputs)
     if provider == "reference":
         return _make_reference_op(op, spec, inputs)
     if provider == "triton":
@@ -266,6 +274,22 @@ def _make_refresh(provider: str, spec: Spec, inputs: dict) -> Bench:
             note += " (regenerated from its seed at every optimizer step)"
         return Bench(fn, note, [previous])
     raise Skip(f"unknown refresh provider {provider!r}")
+
+
+def _make_snsm_step(provider: str, spec: Spec, inputs: dict) -> Bench:
+    """One AdamSNSM matrix update (subspace_ops.ops.snsm_matrix_step_) on the given backend."""
+    if provider == "triton" and spec.device != "cuda":
+        raise Skip("Triton kernels are benchmarked on CUDA only")
+    W, M = inputs["W0"].clone(), inputs["M"].clone()
+    V = 0.01 * torch.rand(reference.subset_norm_shape(spec.m, spec.n), device=spec.device)
+    G, P = inputs["G"], inputs["P"]
+    h = dict(step_size=reference.adam_step_size(LR, BETAS[0], BETAS[1], 10), lr=LR, beta1=BETAS[0],
+             beta2=BETAS[1], eps=EPS, weight_decay=0.0)
+
+    def fn():
+        ops.snsm_matrix_step_(W, G, P, M, V, backend=provider, side=spec.side, **h)
+
+    return Bench(fn, f"ops.snsm_matrix_step_(backend={provider!r})", [W, M, V])
 
 
 def _hyper() -> dict:

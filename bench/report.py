@@ -105,6 +105,7 @@ RATIOS = (
     ("project_adam", "triton", "reference"),
     ("back_project_update", "triton", "reference"),
     ("lowrank_adam", "triton", "reference"),
+    ("snsm_step", "triton", "reference"),
 )
 SPEEDUPS = (("refresh", "svd", "randomized"), ("refresh", "svd", "randomized_warm"))
 

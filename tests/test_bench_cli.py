@@ -75,7 +75,7 @@ def test_floor_and_x_floor_arithmetic(smoke):
 def test_every_op_and_cpu_provider_is_reported(smoke):
     _, rows, _ = smoke
     seen = {(r["op"], r["provider"]) for r in rows}
-    for op in ("project", "back_project_update", "lowrank_adam"):
+    for op in ("project", "back_project_update", "lowrank_adam", "snsm_step"):
         assert (op, "reference") in seen
     for prov in ("reference", "torch_adamw_foreach"):
         assert ("step", prov) in seen and ("step_amortized", prov) in seen
