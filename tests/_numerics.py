@@ -1,4 +1,4 @@
-"""Comparison helpers shared by the kernel tests."""
+"""Helpers shared by the kernel tests: comparisons, and proof that kernels (not the reference) ran."""
 import torch
 
 
@@ -22,3 +22,27 @@ def within_one_rounding(W, W_ref, W_old, dtype) -> bool:
     diff = (W.double() - W_ref.double()).abs()
     update = (W_ref.double() - W_old.double()).abs()
     return bool((diff <= ulp(W_ref, dtype) + 1e-6 * update).all())
+
+
+def forbid_reference_and_count_launches(monkeypatch, reference_module, forbidden, launchers) -> dict:
+    """Make the reference functions named in ``forbidden`` raise, and count calls of every
+    ``(module, name)`` launcher; returns the live ``{name: calls}`` dict."""
+    def boom(*args, **kwargs):
+        raise AssertionError("the reference path ran on the Triton backend")
+
+    for name in forbidden:
+        monkeypatch.setattr(reference_module, name, boom)
+    calls = {}
+
+    def counted(module, name):
+        fn = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    for module, name in launchers:
+        counted(module, name)
+    return calls

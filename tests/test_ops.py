@@ -14,6 +14,7 @@ import torch
 
 import subspace_ops
 from subspace_ops import GaLoreAdamW, kernels, ops, reference
+from _numerics import forbid_reference_and_count_launches
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 SIDES = ["left", "right"]
@@ -315,30 +316,17 @@ def test_galore_matrix_step_rejects_bad_side_or_basis(side, basis_kind, match, b
 def test_triton_backend_really_launches_kernels(monkeypatch):
     """With backend="triton" nothing may fall back to the reference: every reference op raises, and
     every kernel launcher is counted."""
-    def boom(*args, **kwargs):
-        raise AssertionError("the reference path ran on the Triton backend")
-
-    # The step's reference functions (the refresh diagnostics may still use project_any).
-    for name in ("galore_matrix_step_", "adam_step_", "lowrank_adam_", "apply_update_", "back_project_any"):
-        monkeypatch.setattr(reference, name, boom)
     from subspace_ops.kernels import backproject as kb
     from subspace_ops.kernels import lowrank_adam as ka
     from subspace_ops.kernels import project as kp
 
-    calls = {}
-
-    def counted(module, name):
-        fn = getattr(module, name)
-
-        def wrapper(*args, **kwargs):
-            calls[name] = calls.get(name, 0) + 1
-            return fn(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, wrapper)
-
-    for module, name in ((kp, "project"), (kp, "project_adam_"), (kb, "back_project"),
-                         (kb, "back_project_update_"), (ka, "adamw_"), (ka, "lowrank_adam_")):
-        counted(module, name)
+    # The step's reference functions (the refresh diagnostics may still use project_any).
+    calls = forbid_reference_and_count_launches(
+        monkeypatch, reference,
+        ("galore_matrix_step_", "adam_step_", "lowrank_adam_", "apply_update_", "back_project_any"),
+        ((kp, "project"), (kp, "project_adam_"), (kb, "back_project"),
+         (kb, "back_project_update_"), (ka, "adamw_"), (ka, "lowrank_adam_")),
+    )
 
     params, opt = _trajectory_setup(torch.float32, "cpu", "triton")
     before = [p.detach().clone() for p in params]
@@ -355,8 +343,7 @@ def test_triton_backend_really_launches_kernels(monkeypatch):
     ops.lowrank_adam_(R, M, V, backend="triton", beta1=0.9, beta2=0.99, eps=1e-6)
     assert calls["lowrank_adam_"] == 1
 
-    for name in ("project", "back_project"):
-        monkeypatch.setattr(reference, name, boom)
+    forbid_reference_and_count_launches(monkeypatch, reference, ("project", "back_project"), ())
     monkeypatch.setenv("SUBSPACE_OPS_BACKEND", "triton")
     calls.clear()
     x, P = operands("project", "left")

@@ -21,7 +21,7 @@ from subspace_ops.kernels import backproject as kb  # noqa: E402
 from subspace_ops.kernels import lowrank_adam as ka  # noqa: E402
 from subspace_ops.kernels import project as kp  # noqa: E402
 from subspace_ops.kernels import subset_norm as ks  # noqa: E402
-from _numerics import rel_err, within_one_rounding  # noqa: E402
+from _numerics import forbid_reference_and_count_launches, rel_err, within_one_rounding  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 DTYPES = list(TOL)
@@ -388,26 +388,13 @@ def test_adam_snsm_trajectory_triton_vs_reference(dtype, device):
 def test_triton_backend_really_launches_the_snsm_kernels(monkeypatch):
     """With backend="triton" nothing may fall back to the reference: the reference steps raise, and
     every kernel launcher is counted."""
-    def boom(*args, **kwargs):
-        raise AssertionError("the reference path ran on the Triton backend")
-
     # The step's reference functions (the refresh diagnostics may still use project_any).
-    for name in ("snsm_matrix_step_", "adam_step_", "apply_update_", "back_project_any"):
-        monkeypatch.setattr(reference, name, boom)
-    calls = {}
-
-    def counted(module, name):
-        fn = getattr(module, name)
-
-        def wrapper(*args, **kwargs):
-            calls[name] = calls.get(name, 0) + 1
-            return fn(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, wrapper)
-
-    for module, name in ((kp, "project"), (kp, "project_momentum_"), (kb, "back_project"),
-                         (kb, "back_project_snsm_update_"), (ks, "subset_norm_"), (ka, "adamw_")):
-        counted(module, name)
+    calls = forbid_reference_and_count_launches(
+        monkeypatch, reference,
+        ("snsm_matrix_step_", "adam_step_", "apply_update_", "back_project_any"),
+        ((kp, "project"), (kp, "project_momentum_"), (kb, "back_project"),
+         (kb, "back_project_snsm_update_"), (ks, "subset_norm_"), (ka, "adamw_")),
+    )
     params, opt = _opt_setup(torch.float32, "cpu", "triton")
     before = [p.detach().clone() for p in params]
     for step in range(2):
