@@ -18,6 +18,8 @@ Conventions of every kernel in this package:
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import functools
 
 import torch
@@ -73,43 +75,79 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# ---------------------------------------------------------------------------------------------------
+# Launch target and the one launch point
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What the launch configs are chosen for: the interpreter, or a CUDA GPU of compute capability
+    ``arch`` (90 for H100/H200) with ``num_sms`` SMs."""
+
+    interpret: bool
+    arch: int = 0
+    num_sms: int = 1
+
+
+_TARGET = contextvars.ContextVar("subspace_ops_kernels_target", default=None)
+_LAUNCH_HOOK = contextvars.ContextVar("subspace_ops_kernels_launch_hook", default=None)
+
+
+@contextlib.contextmanager
+def override(target: Target = None, launch_hook=None):
+    """Inside: configs are chosen for ``target`` whatever the tensors' device, and every launch goes to
+    ``launch_hook(kernel, grid, args, kwargs)`` instead of running. ``bench/codegen.py`` uses this to
+    compile for sm_90 on a CPU (the hook calls Triton's ``warmup``) and to time the host path."""
+    t1 = _TARGET.set(target) if target is not None else None
+    t2 = _LAUNCH_HOOK.set(launch_hook) if launch_hook is not None else None
+    try:
+        yield
+    finally:
+        if t2 is not None:
+            _LAUNCH_HOOK.reset(t2)
+        if t1 is not None:
+            _TARGET.reset(t1)
+
+
+def current_target(device: torch.device) -> Target:
+    """The override's target, else the interpreter, else ``device``'s GPU."""
+    target = _TARGET.get()
+    if target is not None:
+        return target
+    if interpreting() or device.type != "cuda":
+        return Target(interpret=True)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return Target(interpret=False, arch=10 * major + minor, num_sms=_num_sms(index))
+
+
+def launches_intercepted() -> bool:
+    """True inside :func:`override` with a launch hook: kernels are compiled or counted, never run, so
+    tensors on any device (CPU, meta) may stand in for CUDA ones."""
+    return _LAUNCH_HOOK.get() is not None
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """Every kernel launch of this package goes through here (see :func:`override`)."""
+    hook = _LAUNCH_HOOK.get()
+    if hook is not None:
+        return hook(kernel, grid, args, kwargs)
+    return kernel[grid](*args, **kwargs)
+
+
 def _fit(dim: int, cap: int, floor: int = 16) -> int:
     """Smallest power of two >= dim, within [floor, cap] (tl.dot needs tiles of at least 16)."""
     return max(floor, min(cap, triton.next_power_of_2(max(int(dim), 1))))
 
 
-def gemm_config(M: int, N: int, K: int, a_size: int, b_size: int, dot: int, device: torch.device,
-                *, heavy_epilogue: bool = False) -> dict:
-    """Tile sizes for an (M x K) @ (K x N) product.
+def _interpreter_tiles(M: int, N: int, K: int) -> dict:
+    return dict(BLOCK_M=_fit(M, 32), BLOCK_N=_fit(N, 32), BLOCK_K=_fit(K, 32), GROUP_M=4,
+                num_warps=4, num_stages=1)
 
-    Interpreter: small tiles (it is slow per element and cannot autotune). GPU (for Hopper, chosen
-    without measurements, so conservative): output tiles of 64 or 128 (a small rank is padded to 64:
-    the MMA waste is cheap next to reading G, and few distinct tiles keep compile count down), 128
-    shrunk to 64 while the grid would leave SMs idle (the projection of a tall G has few output tiles
-    and, since the Adam epilogue needs the complete K sum, cannot split K); K tiles of 64 for 16-bit
-    products and 32 for fp32; 3 pipeline stages within ~160 KB of shared memory. Register use
-    checked with ptxas for sm_90 (the 64x128, 8-warp Adam-epilogue tile spills a few bytes; 128x128
-    would spill ~1.4 KB).
-    """
-    if interpreting() or device.type != "cuda":
-        return dict(BLOCK_M=_fit(M, 32), BLOCK_N=_fit(N, 32), BLOCK_K=_fit(K, 32), GROUP_M=4,
-                    num_warps=4, num_stages=1)
-    bm, bn = _fit(M, 128, 64), _fit(N, 128, 64)
-    if heavy_epilogue:
-        # acc, M and V tiles are all live in the epilogue: at most 64x128 fp32 each with 8 warps
-        # (ptxas, sm_90: 255 registers and 32 bytes of spill; 128x128 spills ~1.4 KB).
-        while bm * bn > 128 * 64:
-            if bm >= bn:
-                bm //= 2
-            else:
-                bn //= 2
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    while triton.cdiv(M, bm) * triton.cdiv(N, bn) < sms and max(bm, bn) > 64:
-        if bm >= bn:
-            bm //= 2
-        else:
-            bn //= 2
-    bk = _fit(K, 64 if dot != 0 else 32, 32)
+
+def _k_tile_and_stages(bm: int, bn: int, K: int, a_size: int, b_size: int, dot: int) -> tuple:
+    """K tiles of 64 for 16-bit products and 32 for fp32, up to 3 pipeline stages, all within
+    ~160 KB of shared memory (sm_90 has 227 KB; sm_80 163 KB)."""
+    bk = _fit(K, 64 if dot != 0 else 32, 16)
     stages = 3
 
     def smem(bk, stages):
@@ -119,14 +157,136 @@ def gemm_config(M: int, N: int, K: int, a_size: int, b_size: int, dot: int, devi
         bk //= 2
     while smem(bk, stages) > 160 * 1024 and stages > 2:
         stages -= 1
+    return bk, stages
+
+
+def project_config(M: int, N: int, K: int, a_size: int, b_size: int, dot: int, target: Target,
+                   count: int = 1, *, rank_dim: int = 0, heavy_epilogue: bool = False) -> dict:
+    """Tiles for a projection ``(M x K) @ (K x N)`` whose output dimension ``rank_dim`` (0: M, 1: N)
+    is the rank, over a group of ``count`` matrices.
+
+    GPU: the rank dimension takes one tile of up to 128 (a rank of 256 is two tiles, whose programs
+    run next to each other in grouped order, so the second read of a G slab hits L2); the other
+    dimension 64, halved while the whole group's grid stays under one wave. The epilogue needs the
+    complete K sum, so K is never split; filling the SMs comes from the group dimension (one launch
+    per same-shape group: 32+ matrices in a 7B model) and from the long side of G. With the Adam
+    epilogue the accumulator and the M and V tiles are live together: 128x64 fp32 each over 8 warps
+    is 96 registers of tiles per thread (register use: ``python -m bench --compile-only sm_90``).
+    """
+    if target.interpret:
+        return _interpreter_tiles(M, N, K)
+    rank, other = (M, N) if rank_dim == 0 else (N, M)
+    if dot == 0:
+        # fp32 products run on FMA units, operands in registers: 64x64 tiles (ptxas: larger ones spill).
+        br, bo = _fit(rank, 64, 32), 64
+    else:
+        br = _fit(rank, 128, 64)
+        bo = 64 if heavy_epilogue else 128
+    while triton.cdiv(rank, br) * triton.cdiv(other, bo) * count < target.num_sms and bo > 32:
+        bo //= 2
+    bm, bn = (br, bo) if rank_dim == 0 else (bo, br)
+    bk, stages = _k_tile_and_stages(bm, bn, K, a_size, b_size, dot)
     num_warps = 8 if bm * bn >= 128 * 64 else 4
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=num_warps, num_stages=stages)
 
 
-def elementwise_config(device: torch.device) -> dict:
+def back_project_config(M: int, N: int, K: int, a_size: int, b_size: int, dot: int, target: Target,
+                        count: int = 1) -> dict:
+    """Tiles for a back-projection ``(M x K) @ (K x N)``, K the (small) rank, output the weight.
+
+    GPU: 128x128 output tiles over 8 warps (the W tile is loaded before the K loop, so its latency
+    hides behind the GEMM), halved while the whole group's grid stays under one wave. Every program
+    reads a (128 x r) and an (r x 128) operand slab; larger tiles would read them less often but hold
+    more registers.
+    """
+    if target.interpret:
+        return _interpreter_tiles(M, N, K)
+    cap = 64 if dot == 0 else 128  # fp32 products on FMA units: 128x128 spills (ptxas, sm_90)
+    bm, bn = _fit(M, cap, 64), _fit(N, cap, 64)
+    while triton.cdiv(M, bm) * triton.cdiv(N, bn) * count < target.num_sms and max(bm, bn) > 64:
+        if bm >= bn:
+            bm //= 2
+        else:
+            bn //= 2
+    bk, stages = _k_tile_and_stages(bm, bn, K, a_size, b_size, dot)
+    num_warps = 8 if bm * bn >= 128 * 64 else 4
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=num_warps, num_stages=stages)
+
+
+def elementwise_config(target: Target) -> dict:
     """1024 elements per program, 8 per thread: enough bytes in flight for a streaming kernel, and
     few programs for the interpreter."""
     return dict(BLOCK=1024, num_warps=4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Groups: one launch for several same-layout matrices
+# ---------------------------------------------------------------------------------------------------
+_TABLES: dict = {}
+_TABLES_MAX = 512
+_WORKSPACES: dict = {}
+# Offsets that are multiples of this many elements keep 16-byte vector access for every dtype (the
+# base pointers themselves are 16-byte aligned, which Triton specializes on).
+TABLE_ALIGN = 16
+
+
+def group_table(columns, device: torch.device):
+    """``(table, align)`` for a grouped launch: ``columns`` is a list of tensor lists (one list per
+    kernel pointer argument, one tensor per matrix). The kernel gets each column's first tensor as its
+    pointer argument and ``table[g, c]``, the element offset of matrix g's tensor from that first
+    tensor, so one launch walks the whole group. ``align`` is TABLE_ALIGN when every offset is a
+    multiple of it (separate allocations are 512-byte aligned; a stacked workspace is when one
+    matrix's size is), else 1. Tables are cached by the pointers they hold: parameters, states and
+    workspaces keep their addresses from step to step, and the caching allocator mostly hands a new
+    gradient its predecessor's address, so a steady loop builds no table and copies nothing to the
+    device (which also keeps a CUDA graph capture free of host-to-device copies)."""
+    key = (device, tuple(tuple(t.data_ptr() for t in col) for col in columns),
+           tuple(col[0].element_size() for col in columns))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        return hit
+    rows = []
+    align = TABLE_ALIGN
+    count = len(columns[0])
+    for g in range(count):
+        row = []
+        for col, base in zip(columns, key[1]):
+            size = col[0].element_size()
+            delta = col[g].data_ptr() - base[0]
+            check(delta % size == 0, "tensors of one group column must be element-aligned with each other")
+            off = delta // size
+            if off % TABLE_ALIGN:
+                align = 1
+            row.append(off)
+        rows.append(row)
+    table = torch.tensor(rows, dtype=torch.int64).to(device)
+    if len(_TABLES) >= _TABLES_MAX:
+        _TABLES.pop(next(iter(_TABLES)))
+    _TABLES[key] = (table, align)
+    return table, align
+
+
+def workspace(name: str, count: int, shape, dtype: torch.dtype, device: torch.device) -> list:
+    """``count`` matrices of ``shape`` stacked in one buffer that is allocated once per (name, shape,
+    dtype, device) and grown, never shrunk (intermediates of a grouped step, e.g. the Adam direction
+    N between the projection and the back-projection)."""
+    key = (name, tuple(shape), dtype, device)
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.shape[0] < count:
+        buf = torch.empty((count, *shape), dtype=dtype, device=device)
+        _WORKSPACES[key] = buf
+    return list(buf[:count].unbind(0))
+
+
+def check_group(name: str, tensors, like=None) -> None:
+    """Every tensor of a group column has the first one's shape, strides, dtype and device."""
+    first = tensors[0] if like is None else like
+    for i, t in enumerate(tensors):
+        check(t.shape == first.shape and t.stride() == first.stride() and t.dtype == first.dtype
+              and t.device == first.device,
+              f"{name}[{i}] must match {name}[0]'s layout (shape {tuple(first.shape)}, strides "
+              f"{first.stride()}, {first.dtype}, {first.device}), got {tuple(t.shape)}, {t.stride()}, "
+              f"{t.dtype}, {t.device}")
 
 
 def rows_cols(shape) -> tuple:
@@ -247,6 +407,16 @@ def gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
         a_ptrs += BLOCK_K * s_ak
         b_ptrs += BLOCK_K * s_bk
     return acc, sumsq
+
+
+@triton.jit
+def group_offset(table_ptr, g, COL: tl.constexpr, NCOL: tl.constexpr, ALIGN: tl.constexpr):
+    """Element offset of matrix ``g``'s tensor in column ``COL`` of a group table (see
+    :func:`group_table`), marked a multiple of ``ALIGN`` so the loads stay vectorized."""
+    off = tl.load(table_ptr + g * NCOL + COL)
+    if ALIGN > 1:
+        off = tl.multiple_of(off, ALIGN)
+    return off
 
 
 @triton.jit

@@ -18,16 +18,20 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
 from ._common import (
     check,
     check_dtype,
     check_fp32_state,
     check_same_device,
+    current_target,
     device_guard,
+    launch,
+    back_project_config,
+    check_group,
     dot_code,
-    gemm_config,
     gemm_tile,
+    group_offset,
+    group_table,
     grouped_tile,
     store_rounded,
 )
@@ -37,37 +41,52 @@ SIDES = ("left", "right")
 
 # EPILOGUE codes of _back_project_kernel
 STORE, UPDATE, SNSM_UPDATE = 0, 1, 2
+# Columns of the group table (kernels/_common.py group_table): A, B, out (W), G, V.
+NCOL = tl.constexpr(5)
 
 
-@triton.jit(do_not_specialize=["M", "N", "K"])  # sizes vary per matrix: one compile per layout
+@triton.jit
 def _back_project_kernel(
-    a_ptr, b_ptr, out_ptr, g_ptr, v_ptr,
+    a_ptr, b_ptr, out_ptr, g_ptr, v_ptr, table_ptr,
     M, N, K,
     s_am, s_ak, s_bk, s_bn, s_om, s_on, s_gm, s_gn, s_v,
     alpha, decay, eps,
     EPILOGUE: tl.constexpr, V_ROWS: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # Sizes specialized as in project.py; axis 1 walks the matrices of a group.
+    g_idx = tl.program_id(1)
+    a_ptr += group_offset(table_ptr, g_idx, 0, NCOL, ALIGN)
+    b_ptr += group_offset(table_ptr, g_idx, 1, NCOL, ALIGN)
+    out_ptr += group_offset(table_ptr, g_idx, 2, NCOL, ALIGN)
+    g_ptr += group_offset(table_ptr, g_idx, 3, NCOL, ALIGN)
+    v_ptr += group_offset(table_ptr, g_idx, 4, NCOL, ALIGN)
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc, _ = gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
-                       BLOCK_M, BLOCK_N, BLOCK_K, DOT, INTERPRET, 0)
     rows = offs_m[:, None].to(tl.int64)
     cols = offs_n[None, :].to(tl.int64)
     out_ptrs = out_ptr + rows * s_om + cols * s_on
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    # The epilogue's operands are loaded before the K loop: their memory latency overlaps the GEMM
+    # instead of following it (the W tile is the one large read of this kernel).
+    if EPILOGUE != 0:
+        w = tl.load(out_ptrs, mask=mask, other=0.0)
     if EPILOGUE == 2:
-        # reference.snsm_matrix_step_: (back(M) + G − back(R)) / (sqrt(V) + eps) with acc = back(M − R);
-        # IEEE sqrt and division, as the reference.
-        g = tl.load(g_ptr + rows * s_gm + cols * s_gn, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + rows * s_gm + cols * s_gn, mask=mask, other=0.0)
         if V_ROWS:
             v = tl.load(v_ptr + offs_m.to(tl.int64) * s_v, mask=offs_m < M, other=1.0)[:, None]
         else:
             v = tl.load(v_ptr + offs_n.to(tl.int64) * s_v, mask=offs_n < N, other=1.0)[None, :]
-        acc = tl.div_rn(acc + g, tl.sqrt_rn(v) + eps)
+    acc, _ = gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
+                       BLOCK_M, BLOCK_N, BLOCK_K, DOT, INTERPRET, 0)
+    if EPILOGUE == 2:
+        # reference.snsm_matrix_step_: (back(M) + G − back(R)) / (sqrt(V) + eps) with acc = back(M − R);
+        # IEEE sqrt and division, as the reference.
+        acc = tl.div_rn(acc + g.to(tl.float32), tl.sqrt_rn(v) + eps)
     if EPILOGUE != 0:
-        w = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+        w = w.to(tl.float32)
         w = w + alpha * acc  # alpha = -step_size * scale
         # decay = -lr * weight_decay; skipped when 0 as the reference does (keeps an inf weight inf).
         w = tl.where(decay != 0.0, w + decay * w, w)
@@ -96,51 +115,83 @@ def _operands(R: torch.Tensor, P: torch.Tensor, side: str):
     return R, P, (m, n, r), (R.stride(0), R.stride(1)), (P.stride(1), P.stride(0))
 
 
-def _launch(R, P, side, out, alpha, decay, epilogue, dot_dtype, G=None, V=None, eps=0.0):
-    A, B, (Mo, No, K), (s_am, s_ak), (s_bk, s_bn) = _operands(R, P, side)
-    dot = dot_code(A.dtype, B.dtype, dot_dtype)
+def launch_group(Rs, Ps, side, outs, alpha, decay, epilogue, dot_dtype, Gs=None, Vs=None, eps=0.0):
+    """One launch for a group of same-layout matrices: ``outs[i]`` (W for the update epilogues)
+    from ``Rs[i]``, ``Ps[i]`` (and ``Gs[i]``, ``Vs[i]`` for SNSM). Every list holds one tensor per
+    matrix, all of one layout."""
+    count = len(Rs)
+    check(count > 0 and len(Ps) == count and len(outs) == count, "Rs, Ps and outs must be non-empty lists of one length")
+    check_group("R", Rs)
+    check_group("P", Ps)
     update = epilogue != STORE
+    check_group("W" if update else "out", outs)
+    A, B, (Mo, No, K), (s_am, s_ak), (s_bk, s_bn) = _operands(Rs[0], Ps[0], side)
+    out = outs[0]
+    dot = dot_code(A.dtype, B.dtype, dot_dtype)
     check(tuple(out.shape) == (Mo, No), f"{'W' if update else 'out'} must have shape {(Mo, No)}, got {tuple(out.shape)}")
     check_dtype("W" if update else "out", out)
-    check_same_device(R=R, out=out)
+    check_same_device(R=Rs[0], out=out)
     v_rows, s_v = False, 0
     if epilogue == SNSM_UPDATE:
+        check(Gs is not None and Vs is not None and len(Gs) == count and len(Vs) == count,
+              "the SNSM update needs one G and one V per matrix")
+        G, V = Gs[0], Vs[0]
         check_dtype("G", G)
         check(tuple(G.shape) == (Mo, No), f"G must have W's shape {(Mo, No)}, got {tuple(G.shape)}")
         check(tuple(V.shape) in ((Mo, 1), (1, No)),
               f"V must have shape {(Mo, 1)} or {(1, No)} (one accumulator per row or column), got {tuple(V.shape)}")
         check_fp32_state("V", V, tuple(V.shape))
+        check_group("G", Gs)
+        check_group("V", Vs)
         check_same_device(W=out, G=G, V=V)
         v_rows = tuple(V.shape) == (Mo, 1)
         s_v = V.stride(0) if v_rows else V.stride(1)
     else:
-        G = V = out  # unused pointers
+        Gs = Vs = outs  # unused pointers
     if Mo == 0 or No == 0:
-        return out
+        return outs
     if K == 0:
         if epilogue == UPDATE:
             # A rank-0 direction is 0: only the decay applies.
             if decay != 0.0:
-                out.copy_(out.float().add_(out.float(), alpha=decay))
-            return out
+                for W in outs:
+                    W.copy_(W.float().add_(W.float(), alpha=decay))
+            return outs
         if epilogue == STORE:
-            out.zero_()
-            return out
+            for o in outs:
+                o.zero_()
+            return outs
         # SNSM: back(D) = 0 but G still moves W: a rank-1 zero product keeps the one kernel path.
-        A = torch.zeros((Mo, 1), dtype=torch.float32, device=out.device)
-        B = torch.zeros((1, No), dtype=torch.float32, device=out.device)
-        K, (s_am, s_ak), (s_bk, s_bn), dot = 1, A.stride(), B.stride(), 0
-    cfg = gemm_config(Mo, No, K, A.element_size(), B.element_size(), dot, out.device)
-    grid = (triton.cdiv(Mo, cfg["BLOCK_M"]) * triton.cdiv(No, cfg["BLOCK_N"]),)
+        zero_a = torch.zeros((Mo, 1), dtype=torch.float32, device=out.device)
+        zero_b = torch.zeros((1, No), dtype=torch.float32, device=out.device)
+        Rs, Ps = [zero_a] * count, [zero_b] * count
+        K, (s_am, s_ak), (s_bk, s_bn), dot = 1, zero_a.stride(), zero_b.stride(), 0
+        As, Bs = Rs, Ps
+    elif side == "left":
+        As, Bs = Ps, Rs
+    else:
+        As, Bs = Rs, Ps
+    table, align = group_table([As, Bs, outs, Gs, Vs], out.device)
+    target = current_target(out.device)
+    cfg = back_project_config(Mo, No, K, As[0].element_size(), Bs[0].element_size(), dot, target, count)
+    grid = (triton.cdiv(Mo, cfg["BLOCK_M"]) * triton.cdiv(No, cfg["BLOCK_N"]), count)
     with device_guard(out):
-        _back_project_kernel[grid](
-            A, B, out, G, V,
+        launch(
+            _back_project_kernel, grid,
+            As[0], Bs[0], out, Gs[0], Vs[0], table,
             Mo, No, K,
-            s_am, s_ak, s_bk, s_bn, out.stride(0), out.stride(1), G.stride(0), G.stride(1), s_v,
+            s_am, s_ak, s_bk, s_bn, out.stride(0), out.stride(1), Gs[0].stride(0), Gs[0].stride(1), s_v,
             float(alpha), float(decay), float(eps),
-            EPILOGUE=epilogue, V_ROWS=v_rows, DOT=dot, INTERPRET=interpreting(),
+            EPILOGUE=epilogue, V_ROWS=v_rows, DOT=dot, INTERPRET=target.interpret, ALIGN=align,
             **cfg,
         )
+    return outs
+
+
+def _launch(R, P, side, out, alpha, decay, epilogue, dot_dtype, G=None, V=None, eps=0.0):
+    """One matrix: a group of one."""
+    launch_group([R], [P], side, [out], alpha, decay, epilogue, dot_dtype,
+                 Gs=None if G is None else [G], Vs=None if V is None else [V], eps=eps)
     return out
 
 

@@ -16,22 +16,25 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
 from ._common import (
     check,
     check_dtype,
     check_fp32_state,
     check_same_device,
+    current_target,
     device_guard,
+    launch,
     elem_offsets,
     elementwise_config,
+    group_offset,
+    group_table,
     rows_cols,
     store_rounded,
     view_2d,
 )
 
 
-@triton.jit(do_not_specialize=["numel", "ncols"])  # sizes vary per matrix: one compile per layout
+@triton.jit
 def _lowrank_adam_kernel(
     r_ptr, m_ptr, v_ptr, n_ptr,
     numel, ncols,
@@ -54,31 +57,75 @@ def _lowrank_adam_kernel(
     tl.store(n_ptr + elem_offsets(offs, ncols, s_n0, s_n1, FLAT), tl.div_rn(m, tl.sqrt_rn(v) + eps), mask=mask)
 
 
-@triton.jit(do_not_specialize=["numel", "ncols"])  # sizes vary per matrix: one compile per layout
+@triton.jit
 def _adamw_kernel(
-    g_ptr, w_ptr, m_ptr, v_ptr,
-    numel, ncols,
-    s_g0, s_g1, s_w0, s_w1, s_m0, s_m1, s_v0, s_v1,
+    g_ptr, w_ptr, m_ptr, v_ptr, table_ptr, blocks_ptr,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps, alpha, decay,
-    FLAT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    w_ptrs = w_ptr + elem_offsets(offs, ncols, s_w0, s_w1, FLAT)
-    m_ptrs = m_ptr + elem_offsets(offs, ncols, s_m0, s_m1, FLAT)
-    v_ptrs = v_ptr + elem_offsets(offs, ncols, s_v0, s_v1, FLAT)
-    g = tl.load(g_ptr + elem_offsets(offs, ncols, s_g0, s_g1, FLAT), mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptrs, mask=mask, other=0.0)
-    v = tl.load(v_ptrs, mask=mask, other=0.0)
+    """Multi-tensor AdamW: program b updates block ``blocks[b] = (tensor t, first element, numel of
+    t)`` of tensor t, whose four pointers are offset through the group table (columns G, W, M, V).
+    Whole blocks take unmasked (vectorizable) loads; only a tensor's last block is masked."""
+    pid = tl.program_id(0)
+    t = tl.load(blocks_ptr + 3 * pid)
+    start = tl.load(blocks_ptr + 3 * pid + 1)
+    numel = tl.load(blocks_ptr + 3 * pid + 2)
+    if ALIGN > 1:
+        # Every tensor's size is a multiple of ALIGN too (see adamw_multi_): the tail mask then
+        # changes only every ALIGN elements and the tail block's loads stay vectorized.
+        start = tl.multiple_of(start, BLOCK)
+        numel = tl.multiple_of(numel, ALIGN)
+    g_ptr += group_offset(table_ptr, t, 0, 4, ALIGN) + start
+    w_ptr += group_offset(table_ptr, t, 1, 4, ALIGN) + start
+    m_ptr += group_offset(table_ptr, t, 2, 4, ALIGN) + start
+    v_ptr += group_offset(table_ptr, t, 3, 4, ALIGN) + start
+    offs = tl.arange(0, BLOCK)
+    if start + BLOCK <= numel:
+        g = tl.load(g_ptr + offs).to(tl.float32)
+        m = tl.load(m_ptr + offs)
+        v = tl.load(v_ptr + offs)
+        w = tl.load(w_ptr + offs)
+        w, m, v = _adamw_math(g, w, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, alpha, decay)
+        tl.store(m_ptr + offs, m)
+        tl.store(v_ptr + offs, v)
+        store_rounded(w_ptr + offs, w, None, INTERPRET)
+    else:
+        mask = offs < numel - start
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        w, m, v = _adamw_math(g, w, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, alpha, decay)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        store_rounded(w_ptr + offs, w, mask, INTERPRET)
+
+
+@triton.jit
+def _adamw_math(g, w, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, alpha, decay):
+    """reference.adam_step_ on fp32 values (w in its own dtype, upcast here)."""
     m = m * beta1 + one_minus_beta1 * g
     v = v * beta2 + (one_minus_beta2 * g) * g
     direction = tl.div_rn(m, tl.sqrt_rn(v) + eps)
-    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
-    w = w + alpha * direction  # alpha = -step_size
+    w = w.to(tl.float32) + alpha * direction  # alpha = -step_size
     w = tl.where(decay != 0.0, w + decay * w, w)  # decay = -lr * weight_decay (0: skipped)
-    tl.store(m_ptrs, m, mask=mask)
-    tl.store(v_ptrs, v, mask=mask)
-    store_rounded(w_ptrs, w, mask, INTERPRET)
+    return w, m, v
+
+
+_BLOCKS: dict = {}
+
+
+def _block_table(numels, block: int, device: torch.device) -> torch.Tensor:
+    """(tensor, first element, numel) per block of ``block`` elements, cached by the sizes."""
+    key = (tuple(numels), block, device)
+    table = _BLOCKS.get(key)
+    if table is None:
+        rows = [(t, start, n) for t, n in enumerate(numels) for start in range(0, n, block)]
+        table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3).to(device)
+        if len(_BLOCKS) >= 256:
+            _BLOCKS.pop(next(iter(_BLOCKS)))
+        _BLOCKS[key] = table
+    return table
 
 
 def _views(tensors, writable):
@@ -125,10 +172,11 @@ def lowrank_adam_(R: torch.Tensor, M: torch.Tensor, V: torch.Tensor, *, beta1: f
     if numel == 0:
         return out
     (r, m, v, n), copies, flat = _views((R, M, V, out), (False, True, True, True))
-    cfg = elementwise_config(R.device)
+    cfg = elementwise_config(current_target(R.device))
     grid = (triton.cdiv(numel, cfg["BLOCK"]),)
     with device_guard(R):
-        _lowrank_adam_kernel[grid](
+        launch(
+            _lowrank_adam_kernel, grid,
             r, m, v, n, numel, rows_cols(R.shape)[1], *_strides((r, m, v, n)),
             float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps),
             FLAT=flat, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
@@ -143,24 +191,55 @@ def adamw_(W: torch.Tensor, G: torch.Tensor, M: torch.Tensor, V: torch.Tensor, *
 
     ``step_size`` is the bias-corrected step; the decay ``W ← W − lr·wd·W`` applies to the updated W.
     """
-    check_dtype("W", W)
-    check_dtype("G", G)
-    check(tuple(G.shape) == tuple(W.shape), f"G must have W's shape {tuple(W.shape)}, got {tuple(G.shape)}")
-    check_fp32_state("M", M, W.shape)
-    check_fp32_state("V", V, W.shape)
-    check_same_device(W=W, G=G, M=M, V=V)
-    numel = W.numel()
-    if numel == 0:
+    adamw_multi_([W], [G], [M], [V], step_size=step_size, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                 weight_decay=weight_decay)
+
+
+def adamw_multi_(Ws, Gs, Ms, Vs, *, step_size: float, lr: float, beta1: float, beta2: float,
+                 eps: float, weight_decay: float) -> None:
+    """``adamw_`` for many tensors (any shapes; one W dtype, one G dtype) in one launch.
+
+    A tensor that is not contiguous is updated through a contiguous copy written back afterwards.
+    """
+    count = len(Ws)
+    check(count > 0 and len(Gs) == count and len(Ms) == count and len(Vs) == count,
+          "Ws, Gs, Ms and Vs must be non-empty lists of one length")
+    for i, (W, G, M, V) in enumerate(zip(Ws, Gs, Ms, Vs)):
+        check_dtype("W", W)
+        check_dtype("G", G)
+        check(W.dtype == Ws[0].dtype and G.dtype == Gs[0].dtype,
+              f"one launch takes one W dtype and one G dtype; tensor {i} has {W.dtype} and {G.dtype}")
+        check(tuple(G.shape) == tuple(W.shape), f"G must have W's shape {tuple(W.shape)}, got {tuple(G.shape)}")
+        check_fp32_state("M", M, W.shape)
+        check_fp32_state("V", V, W.shape)
+        check_same_device(W=W, G=G, M=M, V=V, first=Ws[0])
+    keep = [i for i in range(count) if Ws[i].numel() > 0]
+    if not keep:
         return
-    (g, w, m, v), copies, flat = _views((G, W, M, V), (False, True, True, True))
+    cols, copies = [[], [], [], []], []
+    for i in keep:
+        for c, (t, writable) in enumerate(((Gs[i], False), (Ws[i], True), (Ms[i], True), (Vs[i], True))):
+            if not t.is_contiguous():
+                contiguous = t.contiguous()
+                if writable:
+                    copies.append((t, contiguous))
+                t = contiguous
+            cols[c].append(t)
+    device = Ws[0].device
+    target = current_target(device)
+    cfg = elementwise_config(target)
+    table, align = group_table(cols, device)
+    numels = [t.numel() for t in cols[1]]
+    blocks = _block_table(numels, cfg["BLOCK"], device)
+    if any(n % align for n in numels):
+        align = 1
     decay = -lr * weight_decay if weight_decay > 0.0 else 0.0
-    cfg = elementwise_config(W.device)
-    grid = (triton.cdiv(numel, cfg["BLOCK"]),)
-    with device_guard(W):
-        _adamw_kernel[grid](
-            g, w, m, v, numel, rows_cols(W.shape)[1], *_strides((g, w, m, v)),
+    with device_guard(Ws[0]):
+        launch(
+            _adamw_kernel, (blocks.shape[0],),
+            cols[0][0], cols[1][0], cols[2][0], cols[3][0], table, blocks,
             float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps),
             float(-step_size), float(decay),
-            FLAT=flat, INTERPRET=interpreting(), BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
+            INTERPRET=target.interpret, ALIGN=align, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
         )
     _write_back(copies)

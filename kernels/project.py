@@ -30,17 +30,21 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
 from ._common import (
     check,
     check_dtype,
     check_fp32_state,
     check_same_device,
+    current_target,
     device_guard,
+    launch,
+    check_group,
     dot_code,
-    gemm_config,
     gemm_tile,
+    group_offset,
+    group_table,
     grouped_tile,
+    project_config,
     store_rounded,
 )
 
@@ -49,18 +53,30 @@ SIDES = ("left", "right")
 
 # EPILOGUE codes of _project_kernel
 STORE, ADAM, MOMENTUM = 0, 1, 2
+# Columns of the group table (kernels/_common.py group_table): A, B, M, V, N (N = the output).
+NCOL = tl.constexpr(5)
 
 
-@triton.jit(do_not_specialize=["M", "N", "K"])  # sizes vary per matrix: one compile per layout
+@triton.jit
 def _project_kernel(
-    a_ptr, b_ptr, out_ptr, m_ptr, v_ptr, n_ptr,
+    a_ptr, b_ptr, m_ptr, v_ptr, n_ptr, table_ptr,
     M, N, K,
     s_am, s_ak, s_bk, s_bn,
-    s_om, s_on, s_mm, s_mn, s_vm, s_vn, s_nm, s_nn,
+    s_mm, s_mn, s_vm, s_vn, s_nm, s_nn,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
     EPILOGUE: tl.constexpr, SUMSQ: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # Sizes and strides are specialized (Triton's default: ==1 and multiple-of-16 classes), so the
+    # compiler can prove 16-byte alignment and vectorize: a few compiles per model, not per matrix.
+    # Axis 1 walks the matrices of a group; each column's pointer is offset through the table.
+    g = tl.program_id(1)
+    a_ptr += group_offset(table_ptr, g, 0, NCOL, ALIGN)
+    b_ptr += group_offset(table_ptr, g, 1, NCOL, ALIGN)
+    m_ptr += group_offset(table_ptr, g, 2, NCOL, ALIGN)
+    v_ptr += group_offset(table_ptr, g, 3, NCOL, ALIGN)
+    n_ptr += group_offset(table_ptr, g, 4, NCOL, ALIGN)
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -69,28 +85,30 @@ def _project_kernel(
     rows = offs_m[:, None].to(tl.int64)
     cols = offs_n[None, :].to(tl.int64)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    n_ptrs = n_ptr + rows * s_nm + cols * s_nn
     if EPILOGUE == 1:
         # reference.lowrank_adam_: M·β1 + (1-β1)·R ; V·β2 + (1-β2)·R·R ; N = M / (sqrt(V) + eps),
-        # with IEEE sqrt and division (tl.sqrt and "/" are approximate on GPUs).
+        # with IEEE sqrt and division (tl.sqrt and "/" are approximate on GPUs). N is stored in its
+        # buffer's dtype: the basis dtype when the back-projection multiplies in it (the rounding it
+        # would do anyway, here once, halving N's traffic), else fp32.
         m_ptrs = m_ptr + rows * s_mm + cols * s_mn
         v_ptrs = v_ptr + rows * s_vm + cols * s_vn
         m = tl.load(m_ptrs, mask=mask, other=0.0)
         v = tl.load(v_ptrs, mask=mask, other=0.0)
         m = m * beta1 + one_minus_beta1 * acc
         v = v * beta2 + (one_minus_beta2 * acc) * acc
-        direction = tl.div_rn(m, tl.sqrt_rn(v) + eps)
         tl.store(m_ptrs, m, mask=mask)
         tl.store(v_ptrs, v, mask=mask)
-        tl.store(n_ptr + rows * s_nm + cols * s_nn, direction, mask=mask)
+        store_rounded(n_ptrs, tl.div_rn(m, tl.sqrt_rn(v) + eps), mask, INTERPRET)
     elif EPILOGUE == 2:
         # reference.snsm_matrix_step_'s momentum: M·β1 + (1-β1)·R, and D = M − R for back(D) + G.
         m_ptrs = m_ptr + rows * s_mm + cols * s_mn
         m = tl.load(m_ptrs, mask=mask, other=0.0)
         m = m * beta1 + one_minus_beta1 * acc
         tl.store(m_ptrs, m, mask=mask)
-        tl.store(n_ptr + rows * s_nm + cols * s_nn, m - acc, mask=mask)
+        store_rounded(n_ptrs, m - acc, mask, INTERPRET)
     else:
-        store_rounded(out_ptr + rows * s_om + cols * s_on, acc, mask, INTERPRET)
+        store_rounded(n_ptrs, acc, mask, INTERPRET)
     if SUMSQ == 1:
         # Row sums of A = G (side right): V (M x 1), written by the programs of the first rank tile.
         if pid_n == 0:
@@ -123,56 +141,98 @@ def _operands(G: torch.Tensor, P: torch.Tensor, side: str):
     return G, P, (m, r, n), (G.stride(0), G.stride(1)), (P.stride(0), P.stride(1))
 
 
-def _launch(G, P, side, epilogue, *, out=None, M_state=None, V_state=None, V_sumsq=None,
-            beta1=0.0, beta2=0.0, eps=0.0, dot_dtype=None):
-    """``epilogue``: STORE (``out``, any dtype), ADAM (``M_state``, ``V_state``; N into ``out``) or
-    MOMENTUM (``M_state``; D into ``out``), the last optionally with the Subset-Norm ``V_sumsq``."""
-    A, B, (Mo, No, K), (s_am, s_ak), (s_bk, s_bn) = _operands(G, P, side)
+def _out_dtypes(basis_dtype):
+    return (torch.float32, basis_dtype)
+
+
+def launch_group(Gs, Ps, side, epilogue, outs, *, Ms=None, Vs=None, Vsums=None,
+                 beta1=0.0, beta2=0.0, eps=0.0, dot_dtype=None):
+    """One launch for a group of same-layout matrices: ``Gs[i]``, ``Ps[i]`` -> ``outs[i]``.
+
+    ``epilogue``: STORE (``outs`` of any supported dtype), ADAM (fp32 ``Ms``, ``Vs``; N into ``outs``,
+    fp32 or the basis dtype) or MOMENTUM (``Ms``; D into ``outs``, fp32 or the basis dtype), the last
+    optionally with the Subset-Norm accumulators ``Vsums``. Every list holds one tensor per matrix and
+    all tensors of a list share shape, strides and dtype.
+    """
+    count = len(Gs)
+    check(count > 0 and len(Ps) == count and len(outs) == count, "Gs, Ps and outs must be non-empty lists of one length")
+    check_group("G", Gs)
+    check_group("P", Ps)
+    check_group("out", outs)
+    A, B, (Mo, No, K), (s_am, s_ak), (s_bk, s_bn) = _operands(Gs[0], Ps[0], side)
+    out = outs[0]
     dot = dot_code(A.dtype, B.dtype, dot_dtype)
+    out_name = {STORE: "out", ADAM: "N", MOMENTUM: "D"}[epilogue]
+    check(tuple(out.shape) == (Mo, No), f"{out_name} must have shape {(Mo, No)}, got {tuple(out.shape)}")
+    check_same_device(G=Gs[0], out=out)
     if epilogue == STORE:
-        check(tuple(out.shape) == (Mo, No), f"out must have shape {(Mo, No)}, got {tuple(out.shape)}")
         check_dtype("out", out)
     else:
-        check_fp32_state("M", M_state, (Mo, No))
-        check_same_device(G=G, M=M_state)
+        check(out.dtype in _out_dtypes(Ps[0].dtype),
+              f"{out_name} must be float32 or the basis dtype {Ps[0].dtype}, got {out.dtype}")
+        check(Ms is not None and len(Ms) == count, "Ms must hold one moment per matrix")
+        check_fp32_state("M", Ms[0], (Mo, No))
+        check_group("M", Ms)
+        check_same_device(G=Gs[0], M=Ms[0])
         if epilogue == ADAM:
-            check_fp32_state("V", V_state, (Mo, No))
-            check_same_device(G=G, V=V_state)
-        if out is None:
-            out = torch.empty((Mo, No), dtype=torch.float32, device=G.device)
-        check_fp32_state("N" if epilogue == ADAM else "D", out, (Mo, No))
-        check_same_device(G=G, out=out)
+            check(Vs is not None and len(Vs) == count, "Vs must hold one moment per matrix")
+            check_fp32_state("V", Vs[0], (Mo, No))
+            check_group("V", Vs)
+            check_same_device(G=Gs[0], V=Vs[0])
     sumsq = 0
-    if V_sumsq is not None:
-        m, n = G.shape
+    if Vsums is not None:
+        m, n = Gs[0].shape
         want = (m, 1) if side == "right" else (1, n)
         check(
-            tuple(V_sumsq.shape) == want,
+            tuple(Vsums[0].shape) == want,
             f"the fused Subset-Norm sum runs along the projection's reduction: side {side!r} needs V of "
-            f"shape {want}, got {tuple(V_sumsq.shape)} (kernels.subset_norm.subset_norm_ does the other sum)",
+            f"shape {want}, got {tuple(Vsums[0].shape)} (kernels.subset_norm.subset_norm_ does the other sum)",
         )
-        check_fp32_state("V", V_sumsq, want)
-        check_same_device(G=G, V=V_sumsq)
+        check_fp32_state("V", Vsums[0], want)
+        check_group("V", Vsums)
+        check_same_device(G=Gs[0], V=Vsums[0])
         sumsq = 1 if side == "right" else 2
     if Mo == 0 or No == 0 or K == 0:
-        return _launch_degenerate(G, out, M_state, V_state, V_sumsq, beta1, beta2, eps, epilogue)
-    M_t = M_state if M_state is not None else out  # unused pointers where the epilogue has none
-    V_t = V_state if V_state is not None else (V_sumsq if V_sumsq is not None else out)
-    cfg = gemm_config(Mo, No, K, A.element_size(), B.element_size(), dot, G.device,
-                      heavy_epilogue=epilogue != STORE)
-    grid = (triton.cdiv(Mo, cfg["BLOCK_M"]) * triton.cdiv(No, cfg["BLOCK_N"]),)
-    with device_guard(G):
-        _project_kernel[grid](
-            A, B, out, M_t, V_t, out,
+        for i in range(count):
+            _launch_degenerate(Gs[i], outs[i], Ms[i] if Ms else None, Vs[i] if Vs else None,
+                               Vsums[i] if Vsums else None, beta1, beta2, eps, epilogue)
+        return outs
+    Mt = Ms if Ms is not None else outs  # unused pointers where the epilogue has none
+    Vt = Vs if Vs is not None else (Vsums if Vsums is not None else outs)
+    if side == "left":
+        As, Bs = Ps, Gs
+    else:
+        As, Bs = Gs, Ps
+    table, align = group_table([As, Bs, Mt, Vt, outs], Gs[0].device)
+    target = current_target(Gs[0].device)
+    cfg = project_config(Mo, No, K, A.element_size(), B.element_size(), dot, target, count,
+                         rank_dim=0 if side == "left" else 1, heavy_epilogue=epilogue != STORE)
+    grid = (triton.cdiv(Mo, cfg["BLOCK_M"]) * triton.cdiv(No, cfg["BLOCK_N"]), count)
+    with device_guard(Gs[0]):
+        launch(
+            _project_kernel, grid,
+            As[0], Bs[0], Mt[0], Vt[0], out, table,
             Mo, No, K,
             s_am, s_ak, s_bk, s_bn,
-            out.stride(0), out.stride(1),
-            M_t.stride(0), M_t.stride(1), V_t.stride(0), V_t.stride(1),
+            Mt[0].stride(0), Mt[0].stride(1), Vt[0].stride(0), Vt[0].stride(1),
             out.stride(0), out.stride(1),
             float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps),
-            EPILOGUE=epilogue, SUMSQ=sumsq, DOT=dot, INTERPRET=interpreting(),
+            EPILOGUE=epilogue, SUMSQ=sumsq, DOT=dot, INTERPRET=target.interpret, ALIGN=align,
             **cfg,
         )
+    return outs
+
+
+def _launch(G, P, side, epilogue, *, out=None, M_state=None, V_state=None, V_sumsq=None,
+            beta1=0.0, beta2=0.0, eps=0.0, dot_dtype=None):
+    """One matrix: a group of one."""
+    if out is None and epilogue != STORE:
+        _, _, (Mo, No, _), _, _ = _operands(G, P, side)
+        out = torch.empty((Mo, No), dtype=torch.float32, device=G.device)
+    launch_group([G], [P], side, epilogue, [out],
+                 Ms=None if M_state is None else [M_state], Vs=None if V_state is None else [V_state],
+                 Vsums=None if V_sumsq is None else [V_sumsq], beta1=beta1, beta2=beta2, eps=eps,
+                 dot_dtype=dot_dtype)
     return out
 
 
@@ -189,7 +249,7 @@ def _launch_degenerate(G, out, M_state, V_state, V_sumsq, beta1, beta2, eps, epi
     elif epilogue == ADAM:
         M_state.mul_(beta1)
         V_state.mul_(beta2)
-        torch.div(M_state, V_state.sqrt().add_(eps), out=out)
+        out.copy_(torch.div(M_state, V_state.sqrt().add_(eps)))
     else:
         M_state.mul_(beta1)
         out.copy_(M_state)

@@ -16,10 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_dtype, check_fp32_state, check_same_device, device_guard
+from ._common import check, check_dtype, check_fp32_state, check_same_device, device_guard, launch
 
 
-@triton.jit(do_not_specialize=["R", "C"])  # sizes vary per matrix: one compile per layout
+@triton.jit
 def _subset_norm_kernel(
     g_ptr, v_ptr,
     R, C,
@@ -75,7 +75,8 @@ def subset_norm_(G: torch.Tensor, V: torch.Tensor, *, beta2: float) -> torch.Ten
     cfg = _config(s_gc == 1)
     grid = (triton.cdiv(R, cfg["BLOCK_R"]),)
     with device_guard(G):
-        _subset_norm_kernel[grid](
+        launch(
+            _subset_norm_kernel, grid,
             G, V, R, C, s_gr, s_gc, s_v, float(beta2), float(1.0 - beta2),
             BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
         )

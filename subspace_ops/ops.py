@@ -49,7 +49,9 @@ def _check_triton_usable(like: Tensor) -> None:
             "backend 'triton' needs the triton package, which is not installed: `pip install triton`, "
             f"or use backend='reference' ({ENV_VAR}=reference)"
         )
-    if like.device.type == "cpu":
+    if like.device.type in ("cpu", "meta") and _launches_intercepted():
+        pass  # bench/codegen.py: kernels are compiled for a GPU target (or counted), never run
+    elif like.device.type == "cpu":
         if not _kernels.interpreting():
             raise ValueError(
                 "backend 'triton' on CPU tensors runs only in Triton's CPU interpreter: set "
@@ -66,6 +68,12 @@ def _check_triton_usable(like: Tensor) -> None:
             f"backend 'triton' supports dtypes {TRITON_DTYPES}, got {like.dtype}; use "
             f"backend='reference' ({ENV_VAR}=reference) or 'auto'"
         )
+
+
+def _launches_intercepted() -> bool:
+    from .kernels import _common
+
+    return _common.launches_intercepted()
 
 
 def resolve_backend(backend: Optional[str], like: Tensor) -> str:
@@ -201,6 +209,107 @@ def _check_step_basis(basis: Basis, side: str) -> None:
         raise ValueError(f"side {side!r} needs one basis tensor, got {type(basis).__name__}")
 
 
+# A grouped step stacks each intermediate (the Adam direction N, SNSM's D, the "full" side's T and
+# Y) of all its matrices in one workspace; past this many bytes the group is launched in chunks.
+WORKSPACE_CAP_BYTES = 256 * 2**20
+
+
+def _layout(*tensors) -> tuple:
+    return tuple((tuple(t.shape), t.stride(), t.dtype) for t in tensors)
+
+
+def _chunks(count: int, keys, bytes_per_matrix: int):
+    """Index lists of matrices that one launch can take: same layout key, bounded workspace."""
+    by_key: dict = {}
+    for i in range(count):
+        by_key.setdefault(keys[i], []).append(i)
+    size = max(1, WORKSPACE_CAP_BYTES // max(1, bytes_per_matrix))
+    for idx in by_key.values():
+        for j in range(0, len(idx), size):
+            yield idx[j:j + size]
+
+
+def _pick(seq, idx):
+    return [seq[i] for i in idx]
+
+
+def _product_dtype(P: Tensor) -> torch.dtype:
+    """The dtype a back-projection multiplies in (the basis dtype: 16-bit tensor cores for 16-bit
+    bases), so the intermediate that feeds it is stored in that dtype: the rounding the product
+    would apply anyway, done once at the store, and half the traffic of fp32."""
+    return P.dtype
+
+
+def galore_matrices_step_(
+    Ws,
+    Gs,
+    bases,
+    Ms,
+    Vs,
+    *,
+    backend: Optional[str] = None,
+    side: str,
+    step_size: float,
+    scale: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """``galore_matrix_step_`` for a list of matrices sharing one side and hyperparameters.
+
+    Triton: the matrices of one layout (shape, strides, dtypes) take each stage in one launch, so a
+    model's step costs a few launches per distinct shape instead of two per matrix. The result is
+    bit-identical to one call per matrix (the same kernels; the group only offsets the pointers).
+    """
+    for b in bases:
+        _check_step_basis(b, side)
+    hyper = dict(beta1=beta1, beta2=beta2, eps=eps)
+    update = dict(step_size=step_size, scale=scale, lr=lr, weight_decay=weight_decay)
+    if not Ws:
+        return
+    if resolve_backend(backend, Ws[0]) == "reference":
+        for W, G, basis, M, V in zip(Ws, Gs, bases, Ms, Vs):
+            reference.galore_matrix_step_(W, G, basis, M, V, side=side, **update, **hyper)
+        return
+    from .kernels import backproject as _kback
+    from .kernels import project as _kproject
+    from .kernels._common import workspace
+
+    alpha = -step_size * scale
+    decay = -lr * weight_decay if weight_decay > 0.0 else 0.0
+    if side == "full":
+        Pls, Prs = [b[0] for b in bases], [b[1] for b in bases]
+        keys = [_layout(W, G, Pl, Pr, M, V) for W, G, Pl, Pr, M, V in zip(Ws, Gs, Pls, Prs, Ms, Vs)]
+        m, n = Ws[0].shape
+        r1, r2 = Pls[0].shape[1], Prs[0].shape[1]
+        per = 4 * (r1 * n + r1 * r2) + Prs[0].element_size() * m * r2
+        for idx in _chunks(len(Ws), keys, per):
+            W0, Pl0, Pr0 = Ws[idx[0]], Pls[idx[0]], Prs[idx[0]]
+            dev = W0.device
+            Ts = workspace("galore.T", len(idx), (r1, n), torch.float32, dev)
+            Ns = workspace("galore.N_full", len(idx), (r1, r2), torch.float32, dev)
+            Ys = workspace("galore.Y", len(idx), (m, r2), _product_dtype(Pr0), dev)
+            _kproject.launch_group(_pick(Gs, idx), _pick(Pls, idx), "left", _kproject.STORE, Ts)
+            _kproject.launch_group(Ts, _pick(Prs, idx), "right", _kproject.ADAM, Ns,
+                                   Ms=_pick(Ms, idx), Vs=_pick(Vs, idx), **hyper)
+            _kback.launch_group(Ns, _pick(Pls, idx), "left", Ys, 0.0, 0.0, _kback.STORE, None)
+            _kback.launch_group(Ys, _pick(Prs, idx), "right", _pick(Ws, idx), alpha, decay, _kback.UPDATE,
+                                Pr0.dtype)
+        return
+    keys = [_layout(W, G, P, M, V) for W, G, P, M, V in zip(Ws, Gs, bases, Ms, Vs)]
+    low = tuple(Ms[0].shape)
+    per = bases[0].element_size() * low[0] * low[1]
+    for idx in _chunks(len(Ws), keys, per):
+        P0 = bases[idx[0]]
+        Ns = workspace("galore.N", len(idx), low, _product_dtype(P0), P0.device)
+        Ps = _pick(bases, idx)
+        _kproject.launch_group(_pick(Gs, idx), Ps, side, _kproject.ADAM, Ns,
+                               Ms=_pick(Ms, idx), Vs=_pick(Vs, idx), **hyper)
+        _kback.launch_group(Ns, Ps, side, _pick(Ws, idx), alpha, decay, _kback.UPDATE, P0.dtype)
+
+
 def galore_matrix_step_(
     W: Tensor,
     G: Tensor,
@@ -224,30 +333,87 @@ def galore_matrix_step_(
     Triton: two kernels per matrix for one side, ``N = adam(project(G))`` with M, V updated in the
     projection's epilogue, then ``W ← (W − step·α·back_project(N))·(1 − lr·wd)`` in the
     back-projection's epilogue. The back-projection multiplies on the basis dtype's tensor cores, so
-    with a 16-bit basis the fp32 ``N`` is rounded once to that dtype for the product (2^-9 relative
-    for bf16, far below the rounding of a bf16 weight; fp32 bases stay exact fp32). Side ``"full"``
-    (``R = Plᵀ G Pr``, back ``(Pl N) Prᵀ``, the reference's association) adds one small fp32 GEMM on
-    each side: ``Plᵀ G`` (r x n, fp32), then ``(·) Pr`` with the Adam epilogue; ``Pl N`` (m x r, fp32),
-    then ``(·) Prᵀ`` with the weight update.
+    N is stored in the basis dtype, rounded once (2^-9 relative for bf16, far below the rounding of a
+    bf16 weight; fp32 bases stay exact fp32). Side ``"full"`` (``R = Plᵀ G Pr``, back
+    ``(Pl N) Prᵀ``, the reference's association) adds one small GEMM on each side: ``Plᵀ G`` (r x n,
+    fp32), then ``(·) Pr`` with the Adam epilogue; ``Pl N`` (m x r, basis dtype), then ``(·) Prᵀ``
+    with the weight update. ``galore_matrices_step_`` does the same for many matrices per launch.
     """
     _check_step_basis(basis, side)
-    hyper = dict(beta1=beta1, beta2=beta2, eps=eps)
-    update = dict(step_size=step_size, scale=scale, lr=lr, weight_decay=weight_decay)
-    if resolve_backend(backend, W) == "reference":
-        reference.galore_matrix_step_(W, G, basis, M, V, side=side, **update, **hyper)
+    galore_matrices_step_([W], [G], [basis], [M], [V], backend=backend, side=side, step_size=step_size,
+                          scale=scale, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+
+
+def snsm_matrices_step_(
+    Ws,
+    Gs,
+    bases,
+    Ms,
+    Vs,
+    *,
+    backend: Optional[str] = None,
+    side: str,
+    step_size: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """``snsm_matrix_step_`` for a list of matrices sharing one side and hyperparameters (grouped
+    launches as in ``galore_matrices_step_``)."""
+    for b in bases:
+        _check_step_basis(b, side)
+    hyper = dict(step_size=step_size, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    if not Ws:
+        return
+    if resolve_backend(backend, Ws[0]) == "reference":
+        for W, G, basis, M, V in zip(Ws, Gs, bases, Ms, Vs):
+            reference.snsm_matrix_step_(W, G, basis, M, V, side=side, **hyper)
         return
     from .kernels import backproject as _kback
     from .kernels import project as _kproject
+    from .kernels import subset_norm as _ksn
+    from .kernels._common import workspace
 
+    alpha = -step_size
+    decay = -lr * weight_decay if weight_decay > 0.0 else 0.0
+    m, n = Ws[0].shape
     if side == "full":
-        Pl, Pr = basis
-        T = _kproject.project(G, Pl, "left", out_dtype=torch.float32)
-        N = _kproject.project_adam_(T, Pr, "right", M, V, **hyper)
-        Y = _kback.back_project(N, Pl, "left", out_dtype=torch.float32)
-        _kback.back_project_update_(W, Y, Pr, "right", dot_dtype=Pr.dtype, **update)
-    else:
-        N = _kproject.project_adam_(G, basis, side, M, V, **hyper)
-        _kback.back_project_update_(W, N, basis, side, dot_dtype=basis.dtype, **update)
+        Pls, Prs = [b[0] for b in bases], [b[1] for b in bases]
+        keys = [_layout(W, G, Pl, Pr, M, V) for W, G, Pl, Pr, M, V in zip(Ws, Gs, Pls, Prs, Ms, Vs)]
+        r1, r2 = Pls[0].shape[1], Prs[0].shape[1]
+        per = 4 * (r1 * n + r1 * r2) + Prs[0].element_size() * m * r2
+        for idx in _chunks(len(Ws), keys, per):
+            Pr0 = Prs[idx[0]]
+            dev = Pr0.device
+            for i in idx:
+                _ksn.subset_norm_(Gs[i], Vs[i], beta2=beta2)
+            Ts = workspace("snsm.T", len(idx), (r1, n), torch.float32, dev)
+            Ds = workspace("snsm.D_full", len(idx), (r1, r2), torch.float32, dev)
+            Ys = workspace("snsm.Y", len(idx), (m, r2), _product_dtype(Pr0), dev)
+            _kproject.launch_group(_pick(Gs, idx), _pick(Pls, idx), "left", _kproject.STORE, Ts)
+            _kproject.launch_group(Ts, _pick(Prs, idx), "right", _kproject.MOMENTUM, Ds, Ms=_pick(Ms, idx),
+                                   beta1=beta1)
+            _kback.launch_group(Ds, _pick(Pls, idx), "left", Ys, 0.0, 0.0, _kback.STORE, None)
+            _kback.launch_group(Ys, _pick(Prs, idx), "right", _pick(Ws, idx), alpha, decay, _kback.SNSM_UPDATE,
+                                Pr0.dtype, Gs=_pick(Gs, idx), Vs=_pick(Vs, idx), eps=eps)
+        return
+    keys = [_layout(W, G, P, M, V) for W, G, P, M, V in zip(Ws, Gs, bases, Ms, Vs)]
+    low = tuple(Ms[0].shape)
+    per = bases[0].element_size() * low[0] * low[1]
+    fused_v = tuple(Vs[0].shape) == ((m, 1) if side == "right" else (1, n))
+    for idx in _chunks(len(Ws), keys, per):
+        P0 = bases[idx[0]]
+        Ds = workspace("snsm.D", len(idx), low, _product_dtype(P0), P0.device)
+        Ps, Gi, Vi = _pick(bases, idx), _pick(Gs, idx), _pick(Vs, idx)
+        if not fused_v:
+            for G, V in zip(Gi, Vi):
+                _ksn.subset_norm_(G, V, beta2=beta2)
+        _kproject.launch_group(Gi, Ps, side, _kproject.MOMENTUM, Ds, Ms=_pick(Ms, idx),
+                               Vsums=Vi if fused_v else None, beta1=beta1, beta2=beta2)
+        _kback.launch_group(Ds, Ps, side, _pick(Ws, idx), alpha, decay, _kback.SNSM_UPDATE, P0.dtype,
+                            Gs=Gi, Vs=Vi, eps=eps)
 
 
 def snsm_matrix_step_(
@@ -276,36 +442,45 @@ def snsm_matrix_step_(
     once), since ``back(M) + G − back(R) = back(M − R) + G``. V's sum of squares runs in the
     projection's GEMM loop when it is along the projection's reduction (side "right" with V (m, 1),
     "left" with V (1, n): the "std" side of every matrix), else in a standalone pass over G
-    (``kernels.subset_norm``). As in ``galore_matrix_step_``, the back-projection multiplies on the
-    basis dtype's tensor cores: with a 16-bit basis the fp32 ``D`` is rounded once to it. Side
-    ``"full"`` composes the same pieces with one fp32 GEMM on each side (``Plᵀ G``, then ``Pl D``),
-    in the reference's association, and always takes the standalone V pass.
+    (``kernels.subset_norm``). As in ``galore_matrix_step_``, D is stored in the basis dtype the
+    back-projection multiplies in. Side ``"full"`` composes the same pieces with one GEMM on each
+    side (``Plᵀ G``, then ``Pl D``), in the reference's association, and always takes the standalone
+    V pass. ``snsm_matrices_step_`` does the same for many matrices per launch.
     """
     _check_step_basis(basis, side)
-    hyper = dict(step_size=step_size, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    if resolve_backend(backend, W) == "reference":
-        reference.snsm_matrix_step_(W, G, basis, M, V, side=side, **hyper)
-        return
-    from .kernels import backproject as _kback
-    from .kernels import project as _kproject
-    from .kernels import subset_norm as _ksn
+    snsm_matrices_step_([W], [G], [basis], [M], [V], backend=backend, side=side, step_size=step_size, lr=lr,
+                        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
 
-    update = dict(step_size=step_size, lr=lr, weight_decay=weight_decay, eps=eps)
-    if side == "full":
-        Pl, Pr = basis
-        _ksn.subset_norm_(G, V, beta2=beta2)
-        T = _kproject.project(G, Pl, "left", out_dtype=torch.float32)
-        D = _kproject.project_momentum_(T, Pr, "right", M, beta1=beta1)
-        Y = _kback.back_project(D, Pl, "left", out_dtype=torch.float32)
-        _kback.back_project_snsm_update_(W, G, V, Y, Pr, "right", dot_dtype=Pr.dtype, **update)
+
+def adam_steps_(
+    Ws,
+    Gs,
+    Ms,
+    Vs,
+    *,
+    backend: Optional[str] = None,
+    step_size: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """``adam_step_`` for many tensors; Triton: one multi-tensor launch per (W dtype, G dtype)."""
+    hyper = dict(step_size=step_size, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    if not Ws:
         return
-    m, n = G.shape
-    if tuple(V.shape) == ((m, 1) if side == "right" else (1, n)):
-        D = _kproject.project_momentum_(G, basis, side, M, V, beta1=beta1, beta2=beta2)
-    else:
-        _ksn.subset_norm_(G, V, beta2=beta2)
-        D = _kproject.project_momentum_(G, basis, side, M, beta1=beta1)
-    _kback.back_project_snsm_update_(W, G, V, D, basis, side, dot_dtype=basis.dtype, **update)
+    if resolve_backend(backend, Ws[0]) == "reference":
+        for W, G, M, V in zip(Ws, Gs, Ms, Vs):
+            reference.adam_step_(W, G, M, V, **hyper)
+        return
+    from .kernels import lowrank_adam as _kadam
+
+    by_dtype: dict = {}
+    for i, (W, G) in enumerate(zip(Ws, Gs)):
+        by_dtype.setdefault((W.dtype, G.dtype, W.device), []).append(i)
+    for idx in by_dtype.values():
+        _kadam.adamw_multi_(_pick(Ws, idx), _pick(Gs, idx), _pick(Ms, idx), _pick(Vs, idx), **hyper)
 
 
 def adam_step_(
@@ -323,13 +498,8 @@ def adam_step_(
     weight_decay: float,
 ) -> None:
     """One plain AdamW update (see ``reference.adam_step_``); Triton: one fused elementwise pass."""
-    hyper = dict(step_size=step_size, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    if resolve_backend(backend, W) == "reference":
-        reference.adam_step_(W, G, M, V, **hyper)
-        return
-    from .kernels import lowrank_adam as _kadam
-
-    _kadam.adamw_(W, G, M, V, **hyper)
+    adam_steps_([W], [G], [M], [V], backend=backend, step_size=step_size, lr=lr, beta1=beta1, beta2=beta2,
+                eps=eps, weight_decay=weight_decay)
 
 
 def lowrank_adam_(R: Tensor, M: Tensor, V: Tensor, *, backend: Optional[str] = None, beta1: float,

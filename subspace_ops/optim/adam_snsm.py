@@ -80,9 +80,9 @@ class AdamSNSM(SubspaceOptimizer):
         state["exp_avg"] = torch.zeros(lowrank_shape(side, m, n, rank), dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros(reference.subset_norm_shape(m, n), dtype=torch.float32, device=p.device)
 
-    def _matrix_update(self, W: Tensor, G: Tensor, basis, state: dict, group: dict, side: str, hyper: dict) -> None:
-        ops.snsm_matrix_step_(W, G, basis, state["exp_avg"], state["exp_avg_sq"], backend=self.backend, side=side,
-                              **hyper)
+    def _matrix_updates(self, Ws, Gs, bases, states, group: dict, side: str, hyper: dict) -> None:
+        ops.snsm_matrices_step_(Ws, Gs, bases, [st["exp_avg"] for st in states],
+                                [st["exp_avg_sq"] for st in states], backend=self.backend, side=side, **hyper)
 
     def _on_basis_change(self, state: dict, group: dict, side: str, old, new, refresh: bool) -> None:
         # v lives in the full space: only the subspace momentum is affected by a basis change.

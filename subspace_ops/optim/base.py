@@ -3,7 +3,7 @@
 ``SubspaceOptimizer`` gathers tensors and keeps the basis of every low-rank matrix (refreshes with
 failure handling, seeded projections, Online Subspace Descent, moment transport, diagnostics); a
 subclass only says which moments a low-rank matrix has and which update it takes
-(``_init_lowrank_state``, ``_matrix_update``, ``_on_basis_change``). The math is in
+(``_init_lowrank_state``, ``_matrix_updates``, ``_on_basis_change``). The math is in
 ``subspace_ops.reference`` and ``subspace_ops.projectors``.
 """
 from __future__ import annotations
@@ -90,6 +90,21 @@ def parameter_seed(group_seed: int, index: int, step: int) -> int:
     return (int(group_seed) * 1_000_003 + index) * 1_000_003 + step
 
 
+class _GroupKey:
+    """A param group as a dict key (groups are dicts, so unhashable): by identity."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group: dict):
+        self.group = group
+
+    def __hash__(self):
+        return id(self.group)
+
+    def __eq__(self, other):
+        return self.group is other.group
+
+
 def _float(x) -> float:
     return x.item() if isinstance(x, Tensor) else float(x)
 
@@ -98,7 +113,7 @@ class SubspaceOptimizer(Optimizer):
     """Base of the optimizers whose matrices in groups with a ``rank`` key live in a subspace.
 
     Subclasses set ``lowrank_defaults`` (filled into low-rank groups) and implement
-    ``_init_lowrank_state``, ``_matrix_update`` and optionally ``_on_basis_change``. Everything
+    ``_init_lowrank_state``, ``_matrix_updates`` and optionally ``_on_basis_change``. Everything
     outside low-rank groups, and 1-D parameters inside them, takes the plain AdamW step of
     ``reference.adam_step_``.
     """
@@ -161,46 +176,62 @@ class SubspaceOptimizer(Optimizer):
     # -- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
+        """One step of every parameter with a gradient.
+
+        Three phases: per parameter, on the host, validate, create state, refresh the basis when
+        due and collect the tensors; then one grouped update per (group, side, layout, step count),
+        which on the Triton backend launches each kernel once for all same-shape matrices; then what
+        must follow the weight update (Online Subspace Descent's basis step, copying back a weight
+        that was not contiguous).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        batches: dict = {}
+        plain: dict = {}
+        after = []
         index = 0
         for group in self.param_groups:
+            lowrank_group = "rank" in group
             for p in group["params"]:
                 if p.grad is not None:
-                    self._step_param(p, group, index)
+                    self._check_grad(p, group, index)
+                    if p.numel() > 0:
+                        if lowrank_group and p.dim() >= 2:
+                            self._collect_lowrank(p, group, index, batches, after)
+                        else:
+                            self._collect_plain(p, group, plain)
                 index += 1
+        for (key, side, _layout, _t), (Ws, Gs, bases, states, hyper) in batches.items():
+            self._matrix_updates(Ws, Gs, bases, states, key.group, side, hyper)
+        for _key, (Ws, Gs, Ms, Vs, hyper) in plain.items():
+            ops.adam_steps_(Ws, Gs, Ms, Vs, backend=self.backend, **hyper)
+        for fn in after:
+            fn()
         return loss
 
-    def _step_param(self, p: Tensor, group: dict, index: int) -> None:
-        grad = p.grad
+    def _check_grad(self, p: Tensor, group: dict, index: int) -> None:
         name = type(self).__name__
-        if grad.is_sparse:
+        if p.grad.is_sparse:
             raise ValueError(
                 f"{name}: parameter {index} (shape {tuple(p.shape)}) has a sparse gradient, which "
                 "is not supported; use dense gradients (e.g. nn.Embedding(sparse=False))"
             )
-        lowrank = "rank" in group and p.dim() >= 2
-        if lowrank and torch.is_complex(p):
+        if "rank" in group and p.dim() >= 2 and torch.is_complex(p):
             raise ValueError(
                 f"{name}: parameter {index} (shape {tuple(p.shape)}) is complex, which a low-rank "
                 "group does not support; put it in a group without 'rank'"
             )
-        if p.numel() == 0:
-            return
-        if lowrank:
-            self._lowrank_step(p, grad, group, index)
-        else:
-            self._plain_step(p, grad, group)
 
-    def _hyper(self, group: dict, state: dict) -> dict:
+    def _hyper(self, group: dict, state: dict) -> tuple:
+        """(step count after this step, the hyperparameters of the update)."""
         beta1, beta2 = group["betas"]
         state["step"] += 1
         t = int(state["step"].item())
         lr = group["lr"]
         lr = float(lr) if not isinstance(lr, Tensor) else lr.item()
-        return dict(
+        return t, dict(
             step_size=reference.adam_step_size(lr, beta1, beta2, t, group["correct_bias"]),
             lr=lr,
             beta1=beta1,
@@ -209,23 +240,31 @@ class SubspaceOptimizer(Optimizer):
             weight_decay=group["weight_decay"],
         )
 
-    def _plain_step(self, p: Tensor, grad: Tensor, group: dict) -> None:
-        W, G = p, grad
+    def _collect_plain(self, p: Tensor, group: dict, plain: dict) -> None:
+        W, G = p, p.grad
         if torch.is_complex(p):
-            W, G = torch.view_as_real(p), torch.view_as_real(grad)
+            W, G = torch.view_as_real(p), torch.view_as_real(G)
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
             state["exp_avg"] = torch.zeros(W.shape, dtype=torch.float32, device=p.device)
             state["exp_avg_sq"] = torch.zeros(W.shape, dtype=torch.float32, device=p.device)
-        hyper = self._hyper(group, state)
-        ops.adam_step_(W, G, state["exp_avg"], state["exp_avg_sq"], backend=self.backend, **hyper)
+        _, hyper = self._hyper(group, state)
+        key = tuple(hyper.values())  # plain tensors of every group with equal settings: one launch
+        batch = plain.get(key)
+        if batch is None:
+            batch = plain[key] = ([], [], [], [], hyper)
+        batch[0].append(W)
+        batch[1].append(G)
+        batch[2].append(state["exp_avg"])
+        batch[3].append(state["exp_avg_sq"])
 
     # -- subclass hooks ---------------------------------------------------------------------------
     def _init_lowrank_state(self, state: dict, p: Tensor, side: str, m: int, n: int, rank: int) -> None:
         raise NotImplementedError
 
-    def _matrix_update(self, W: Tensor, G: Tensor, basis, state: dict, group: dict, side: str, hyper: dict) -> None:
+    def _matrix_updates(self, Ws, Gs, bases, states, group: dict, side: str, hyper: dict) -> None:
+        """Update the matrices ``Ws`` (in place) of one group and side at one step count."""
         raise NotImplementedError
 
     def _on_basis_change(self, state: dict, group: dict, side: str, old, new, refresh: bool) -> None:
@@ -235,7 +274,7 @@ class SubspaceOptimizer(Optimizer):
             reference.transport_moments_(state["exp_avg"], state["exp_avg_sq"], old, new, side)
 
     # -- low-rank matrices ------------------------------------------------------------------------
-    def _lowrank_step(self, p: Tensor, grad: Tensor, group: dict, index: int) -> None:
+    def _collect_lowrank(self, p: Tensor, group: dict, index: int, batches: dict, after: list) -> None:
         m = p.shape[0]
         n = p.numel() // m
         side = basis_side(group["proj_type"], m, n)
@@ -247,21 +286,28 @@ class SubspaceOptimizer(Optimizer):
             offset = index % group["update_proj_gap"] if group["stagger"] else 0
             state["refresh_offset"] = torch.tensor(offset, dtype=torch.int64)
 
-        G = grad.reshape(m, n)
+        G = p.grad.reshape(m, n)
         s = int(state["step"].item())
         refreshed = False
         if self._refresh_due(state, group, s):
             refreshed = self._refresh(state, G, group, side, rank, index, s)
 
         basis = self._basis(state, group, side, G, index)
-        hyper = self._hyper(group, state)
+        t, hyper = self._hyper(group, state)
         # An in-place view of the weight; a non-contiguous weight is updated through a copy.
         W = p.view(m, n) if p.is_contiguous() else p.reshape(m, n).clone()
-        self._matrix_update(W, G, basis, state, group, side, hyper)
         if W.data_ptr() != p.data_ptr():
-            p.copy_(W.view_as(p))
+            after.append(lambda p=p, W=W: p.copy_(W.view_as(p)))
         if group["projector"] == "online_pca" and not refreshed:
-            self._online_pca_step(state, G, basis, group, side, index, s)
+            after.append(lambda: self._online_pca_step(state, G, basis, group, side, index, s))
+        key = (_GroupKey(group), side, (W.shape, W.dtype, G.dtype), t)
+        batch = batches.get(key)
+        if batch is None:
+            batch = batches[key] = ([], [], [], [], hyper)
+        batch[0].append(W)
+        batch[1].append(G)
+        batch[2].append(basis)
+        batch[3].append(state)
 
     def _refresh_due(self, state: dict, group: dict, s: int) -> bool:
         seeded = group["projector"] in SEEDED_PROJECTORS

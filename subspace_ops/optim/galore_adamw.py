@@ -81,8 +81,8 @@ class GaLoreAdamW(SubspaceOptimizer):
         state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
 
-    def _matrix_update(self, W: Tensor, G: Tensor, basis, state: dict, group: dict, side: str, hyper: dict) -> None:
-        ops.galore_matrix_step_(
-            W, G, basis, state["exp_avg"], state["exp_avg_sq"],
+    def _matrix_updates(self, Ws, Gs, bases, states, group: dict, side: str, hyper: dict) -> None:
+        ops.galore_matrices_step_(
+            Ws, Gs, bases, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
             backend=self.backend, side=side, scale=group["scale"], **hyper,
         )
