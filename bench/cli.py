@@ -5,7 +5,8 @@ Usage::
     python -m bench [--quick] [--device cpu|cuda] [--json PATH] [--md PATH] [--plot PATH]
                     [--shapes 4096x4096,4096x11008] [--ranks 128,256] [--dtypes bf16,fp32]
                     [--ops step,refresh] [--providers reference,galore_torch] [--gap 200] [--rounds N]
-                    [--threads N] [--time-budget S]
+                    [--threads N] [--time-budget S] [--target-only | --no-target]
+    python -m bench --compile-only sm_90[,sm_80] [--json PATH] [--ptx-dir DIR] [--cases ci|before|LABELS]
 
 Modes (device defaults to cuda when available, else cpu):
 
@@ -13,6 +14,9 @@ Modes (device defaults to cuda when available, else cpu):
 * full, CPU (the issue-2 comparison): 1024x1024 and 1024x2816 at rank 128, fp32; a few minutes.
 * ``--quick``: 512x512 and 512x1376 at rank 64 fp32 on CPU (4096x4096 and 4096x11008 at rank 256
   bf16 on CUDA); well under 3 minutes.
+
+``--compile-only`` needs no GPU: it compiles every kernel variant for the target on this machine and
+reports its machine code (bench/codegen.py).
 
 The table goes to stdout as markdown with padded columns, followed by a ratios section computed from
 the same run; progress goes to stderr. ``--json`` writes the rows, ``--md`` the same report as stdout.
@@ -39,6 +43,11 @@ from .timing import CpuTimerConfig, RateSizes, measure_copy_gbps, measure_gemm_t
 from .timing import time_cpu_group, time_cuda
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The case a GPU run must measure first (issue 4): --target-only runs just it, --no-target the rest.
+TARGET = (4096, 11008, 256)
+TARGET_DTYPES = ("bf16", "fp32")
+TARGET_LABEL = "4096x11008 rank 256"
 
 
 @dataclass
@@ -182,6 +191,7 @@ class Runner:
         self.rows: List[dict] = []
         self.skipped: Dict[Tuple[str, str, str], List[str]] = {}
         self.svd_cache: Dict[tuple, tuple] = {}
+        self.exclude = lambda spec: False  # --no-target
 
     def _skip(self, op: str, provider: str, spec: cases.Spec, reason: str) -> None:
         self.skipped.setdefault((op, provider, reason), []).append(spec.label)
@@ -198,6 +208,7 @@ class Runner:
             cases.Spec(m, n, rank, dt, self.device)
             for (m, n) in self.cfg.shapes for rank in self.cfg.ranks for dt in self.cfg.dtypes
         ]
+        specs = [s for s in specs if not self.exclude(s)]
         for i, spec in enumerate(specs):
             if deadline is not None and time.perf_counter() > deadline:
                 left = [s.label for s in specs[i:]]
@@ -329,12 +340,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, metavar="S",
                    help="start no new shape after S seconds (the report keeps what was measured)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target-only", action="store_true",
+                   help=f"only the target case {TARGET_LABEL} (bf16 and fp32 unless --dtypes)")
+    p.add_argument("--no-target", action="store_true", help="every case except the target case (the rest of a run)")
+    g = p.add_argument_group("static GPU codegen report, no GPU needed (bench/codegen.py)")
+    g.add_argument("--compile-only", metavar="ARCHS",
+                   help="compile every kernel variant for sm_90 and/or sm_80 (comma-separated), report "
+                        "registers, spills, shared memory, vector widths, cp.async, wgmma, waves; --json "
+                        "writes the rows")
+    g.add_argument("--jobs", type=int, metavar="N",
+                   help="with --compile-only: compile in N processes (default: the CPUs, at most 16)")
+    g.add_argument("--ptx-dir", metavar="DIR", help="with --compile-only: write one .ptx (and .ttgir) per variant")
+    g.add_argument("--cases", metavar="SUBSET",
+                   help="with --compile-only: comma-separated presets (ci, before, all), case labels or "
+                        "label substrings, e.g. 'ci' or '4096x11008 r256 bf16'")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.compile_only:
+        from . import codegen  # needs no GPU: compiles for the target on this machine
+
+        return codegen.main(args, argv)
+    if args.ptx_dir or args.cases or args.jobs:
+        parser.error("--ptx-dir, --cases and --jobs go with --compile-only")
+    if args.target_only and args.no_target:
+        parser.error("--target-only and --no-target exclude each other")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -359,6 +392,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg.dtypes = args.dtypes or cfg.dtypes
     if args.rounds:
         cfg = cfg.with_rounds(args.rounds)
+    if args.target_only:
+        cfg.shapes, cfg.ranks = [TARGET[:2]], [TARGET[2]]
+        cfg.dtypes = args.dtypes or list(TARGET_DTYPES)
     ops = args.ops or list(cases.OPS)
 
     t_start = time.perf_counter()
@@ -366,6 +402,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _log(f"bench: {mode} on {meta['device']}; measuring copy bandwidth and GEMM rate ...")
     rates = measure_rates(device, cfg.dtypes, cfg)
     runner = Runner(device, cfg, meta, rates, ops, args.providers, args.seed)
+    if args.no_target:
+        runner.exclude = lambda spec: (spec.m, spec.n, spec.rank) == TARGET and spec.dtype in TARGET_DTYPES
     command = ("python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
 
     def write(raw_rows: List[dict], final: bool) -> Tuple[List[dict], str]:
