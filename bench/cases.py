@@ -1,7 +1,7 @@
 """What is benchmarked: a factory per (op, provider) and the analytic bytes/FLOPs of each.
 
-``bytes`` and ``flops`` are what the op must move/compute at minimum (DESIGN.md, "Kernels: what to
-fuse and why"), counted for each provider's own storage (galore-torch and torch AdamW keep their
+``bytes`` and ``flops`` are what the op must move/compute at minimum (docs/design.md, "Kernels",
+"What to fuse and why"), counted for each provider's own storage (galore-torch and torch AdamW keep their
 moments in the parameter's dtype; ours are fp32). ``flops`` counts matmul/factorisation FLOPs only
 (2 per multiply-add); elementwise work is bandwidth-bound and is covered by ``bytes``.
 
@@ -144,7 +144,7 @@ def analytic(op: str, provider: str, spec: Spec) -> Tuple[int, int, str]:
         if provider in ("randomized", "randomized_warm"):
             return nbytes, _randomized_flops(spec, provider == "randomized_warm"), ""
         if provider == "online_pca_step":
-            # ALGORITHMS.md §3: the online-PCA gradient ≈ 4·m·n·r, then a QR of the basis
+            # docs/algorithms.md §3: the online-PCA gradient ≈ 4·m·n·r, then a QR of the basis
             rows = spec.basis_rows
             return mn * e + 2 * basis * e + 4 * basis * 4, 4 * mn * r + 4 * rows * r * r, "per-step basis update"
         return nbytes, 0, "flops not modelled for this projector"

@@ -1,4 +1,4 @@
-"""Subset-Norm accumulator update ``V ← β2·V + (1−β2)·Σ G²`` (ALGORITHMS.md §4), as a standalone pass.
+"""Subset-Norm accumulator update ``V ← β2·V + (1−β2)·Σ G²`` (docs/algorithms.md §4), as a standalone pass.
 
 ``V`` holds one fp32 accumulator per row of G (shape (m, 1), the sum over each row) or per column
 (shape (1, n), the sum over each column). Each program owns a block of whole rows (columns) and loops

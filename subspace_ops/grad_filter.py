@@ -1,4 +1,4 @@
-"""Grokfast gradient filters (Lee et al. 2024; ALGORITHMS.md §7), usable with any optimizer."""
+"""Grokfast gradient filters (Lee et al. 2024; docs/algorithms.md §7), usable with any optimizer."""
 from __future__ import annotations
 
 import math

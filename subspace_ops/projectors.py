@@ -1,4 +1,4 @@
-"""How a basis is computed and refreshed (ALGORITHMS.md §1, §2, §3, §5).
+"""How a basis is computed and refreshed (docs/algorithms.md §1, §2, §3, §5).
 
 A projector turns the current gradient ``G`` (m x n) into an orthonormal basis for one side:
 ``(m, r)`` for ``"left"``, ``(n, r)`` for ``"right"``, a pair of both for ``"full"``. Bases are
@@ -158,7 +158,7 @@ def compute_basis(
     return basis if _finite(basis) else None
 
 
-# -- seeded projections (ALGORITHMS.md §5) -----------------------------------------------------------
+# -- seeded projections (docs/algorithms.md §5) ------------------------------------------------------
 def _generator(seed: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
@@ -256,7 +256,7 @@ def orthonormalize(P: Tensor) -> Tensor:
 
 
 def srht_basis(rows: int, rank: int, seed: int, *, dtype=torch.float32, device=None) -> Tensor:
-    """Orthonormal ``(rows, rank)`` SRHT basis (ALGORITHMS.md §5) from ``seed``.
+    """Orthonormal ``(rows, rank)`` SRHT basis (docs/algorithms.md §5) from ``seed``.
 
     When ``rows`` is a power of two this is exactly ``(S H D)ᵀ``: its rows of ``S H D`` are
     orthonormal, no rescaling by ``sqrt(d/k)`` (that factor makes ``E[QᵀQ] = I`` but breaks
@@ -291,7 +291,7 @@ def seeded_basis(
     return make(m, rank, left_seed, dtype=dtype, device=device), make(n, rank, right_seed, dtype=dtype, device=device)
 
 
-# -- Online Subspace Descent (ALGORITHMS.md §3) ---------------------------------------------------
+# -- Online Subspace Descent (docs/algorithms.md §3) ----------------------------------------------
 # The official implementation's optimizer on P: torch.optim.AdamW with its defaults.
 ONLINE_PCA_ADAMW = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 

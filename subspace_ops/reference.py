@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of every op: the specification the Triton kernels are tested against.
 
-Conventions (DESIGN.md): a basis ``P`` has orthonormal columns.
+Conventions (docs/design.md): a basis ``P`` has orthonormal columns.
 
 * side ``"left"``:  ``P`` is (m, r), ``project(G) = Pᵀ G`` (r, n), ``back_project(R) = P R`` (m, n)
 * side ``"right"``: ``P`` is (n, r), ``project(G) = G P`` (m, r), ``back_project(R) = R Pᵀ`` (m, n)
@@ -67,7 +67,7 @@ def adam_step_size(lr: float, beta1: float, beta2: float, step: int, correct_bia
 def lowrank_adam_(R: Tensor, M: Tensor, V: Tensor, beta1: float, beta2: float, eps: float) -> Tensor:
     """Update the fp32 moments ``M``, ``V`` in place with gradient ``R``; return ``N = M/(sqrt(V)+eps)``.
 
-    The bias correction is not applied here: it is folded into the step size (ALGORITHMS.md §1).
+    The bias correction is not applied here: it is folded into the step size (docs/algorithms.md §1).
     """
     R32 = R.float()
     M.mul_(beta1).add_(R32, alpha=1.0 - beta1)
@@ -150,12 +150,13 @@ def captured_energy(G: Tensor, basis: Basis, side: str) -> float:
 
 
 def transport_matrix(P_old: Tensor, P_new: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``C = P_newᵀ P_old`` (r x r, in ``dtype``): old low-rank coordinates to new ones (§6)."""
+    """``C = P_newᵀ P_old`` (r x r, in ``dtype``): old low-rank coordinates to new ones
+    (docs/algorithms.md §6)."""
     return P_new.to(dtype).mT @ P_old.to(dtype)
 
 
 def transport_moments_(M: Tensor, V: Optional[Tensor], old: Basis, new: Basis, side: str) -> None:
-    """Carry low-rank moments into a new basis, in place (ALGORITHMS.md §6).
+    """Carry low-rank moments into a new basis, in place (docs/algorithms.md §6).
 
     ``M ← C M`` (left) / ``M Cᵀ`` (right) / ``Cl M Crᵀ`` (full), so ``back_project(M)`` is kept up to
     its component outside the new subspace; ``V ← (C∘C) V`` / ``V (C∘C)ᵀ`` / both, clamped ≥ 0 (V is
@@ -181,7 +182,8 @@ def transport_moments_(M: Tensor, V: Optional[Tensor], old: Basis, new: Basis, s
 
 
 def subset_norm_shape(m: int, n: int) -> Tuple[int, int]:
-    """Shape of the Subset-Norm accumulator: one per row/column of the larger dimension (§4)."""
+    """Shape of the Subset-Norm accumulator: one per row/column of the larger dimension
+    (docs/algorithms.md §4)."""
     return (m, 1) if m >= n else (1, n)
 
 
@@ -200,7 +202,7 @@ def snsm_matrix_step_(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """One Subset-Norm + Subspace-Momentum update of a 2-D ``W`` in place (ALGORITHMS.md §4).
+    """One Subset-Norm + Subspace-Momentum update of a 2-D ``W`` in place (docs/algorithms.md §4).
 
     ``M`` (low-rank shape, fp32) is the subspace momentum, ``V`` (``subset_norm_shape``, fp32) the
     subset-norm accumulator: ``V ← β2·V + (1−β2)·Σ G²`` over the smaller dimension;
@@ -217,7 +219,7 @@ def snsm_matrix_step_(
 
 
 def grokfast_ema_(grad: Tensor, mu: Tensor, alpha: float, lamb: float, first: bool) -> None:
-    """Grokfast EMA filter (ALGORITHMS.md §7), in place: ``μ ← α·μ + (1−α)·g`` (``μ = g`` on the
+    """Grokfast EMA filter (docs/algorithms.md §7), in place: ``μ ← α·μ + (1−α)·g`` (``μ = g`` on the
     ``first`` call), then ``g ← g + λ·μ``. ``mu`` is fp32; ``grad`` is rounded once into its dtype."""
     g32 = grad.float()
     if first:
@@ -228,9 +230,10 @@ def grokfast_ema_(grad: Tensor, mu: Tensor, alpha: float, lamb: float, first: bo
 
 
 def grokfast_ma_(grad: Tensor, buffer: Tensor, count: Tensor, lamb: float, warmup: bool = True) -> None:
-    """Grokfast MA filter (§7), in place: push ``g`` into the fp32 ring ``buffer`` (w, *g.shape),
-    ``count`` (int64 scalar) counting pushes, then ``g ← g + λ·mean(last min(count, w) gradients)``,
-    the current one included; with ``warmup`` only once the window is full."""
+    """Grokfast MA filter (docs/algorithms.md §7), in place: push ``g`` into the fp32 ring ``buffer``
+    (w, *g.shape), ``count`` (int64 scalar) counting pushes, then
+    ``g ← g + λ·mean(last min(count, w) gradients)``, the current one included; with ``warmup`` only
+    once the window is full."""
     w = buffer.shape[0]
     g32 = grad.float()
     buffer[int(count) % w].copy_(g32)

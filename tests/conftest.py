@@ -12,7 +12,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# TF32 would make fp32 comparisons against the reference meaningless (DESIGN.md tolerances).
+# TF32 would make fp32 comparisons against the reference meaningless (docs/design.md, Testing).
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 

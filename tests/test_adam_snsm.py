@@ -1,4 +1,4 @@
-"""AdamSNSM (ALGORITHMS.md §4) against a naive float64 implementation, state, checkpoints, errors."""
+"""AdamSNSM (docs/algorithms.md §4) against a naive float64 implementation, state, checkpoints, errors."""
 import io
 import math
 
@@ -67,7 +67,7 @@ def test_snsm_matches_naive_reference_step_by_step(shape, proj_type):
         opt.step()
         naive.step(G.reshape(m, -1))
         st = opt.state[W]
-        # fp32 moments against float64 math: ≤ 1e-5 relative (DESIGN.md)
+        # fp32 moments against float64 math: ≤ 1e-5 relative (docs/design.md, Testing)
         assert float((W.detach().reshape(m, -1) - naive.W).norm() / naive.W.norm()) < 1e-5
         assert torch.allclose(st["exp_avg"].double(), naive.mom, rtol=1e-5, atol=1e-6)
         assert torch.allclose(st["exp_avg_sq"].double(), naive.v, rtol=1e-5, atol=1e-7)

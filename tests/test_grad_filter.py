@@ -1,4 +1,4 @@
-"""GradFilter (Grokfast, ALGORITHMS.md §7): formulas, state, checkpoints, errors."""
+"""GradFilter (Grokfast, docs/algorithms.md §7): formulas, state, checkpoints, errors."""
 import io
 from collections import deque
 

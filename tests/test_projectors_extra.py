@@ -1,4 +1,5 @@
-"""Projectors online_pca (§3), gaussian and srht (§5), moment transport (§6), checkpoints of each."""
+"""Projectors online_pca (§3), gaussian and srht (§5), moment transport (§6), checkpoints of each
+(sections of docs/algorithms.md)."""
 import io
 import math
 

@@ -30,7 +30,7 @@ def test_project_and_back_project_match_float64(m, n, r, side):
     assert rel(reference.project(back, P, side), R) < 1e-12
     resid = G - back
     assert reference.project(resid, P, side).abs().max() < 1e-10
-    # fp32 inputs stay within the DESIGN tolerance of float64
+    # fp32 inputs stay within the docs/design.md tolerance of float64
     assert rel(reference.project(G.float(), P.float(), side), expected) <= 1e-5
 
 

@@ -1,4 +1,4 @@
-"""Subset-Norm step size with Subspace-Momentum (Nguyen & Nguyen 2024; ALGORITHMS.md §4)."""
+"""Subset-Norm step size with Subspace-Momentum (Nguyen & Nguyen 2024; docs/algorithms.md §4)."""
 from __future__ import annotations
 
 from typing import Iterable, Optional

@@ -1,4 +1,4 @@
-"""GaLore AdamW: a drop-in for galore-torch 1.0's ``GaLoreAdamW`` (ALGORITHMS.md §1, §2)."""
+"""GaLore AdamW: a drop-in for galore-torch 1.0's ``GaLoreAdamW`` (docs/algorithms.md §1, §2)."""
 from __future__ import annotations
 
 from typing import Iterable, Optional
@@ -36,7 +36,7 @@ class GaLoreAdamW(SubspaceOptimizer):
     * ``projector``: ``"svd"`` (exact, galore-torch's call) or ``"randomized"`` (range finder with
       ``oversample`` extra columns and ``power_iters`` power iterations, warm-started from the
       previous basis, seeded per parameter from ``seed``, the parameter's index and the step),
-      ``"online_pca"`` (Online Subspace Descent, ALGORITHMS.md §3: SVD basis at the first step, then
+      ``"online_pca"`` (Online Subspace Descent, docs/algorithms.md §3: SVD basis at the first step, then
       one AdamW step on the online-PCA loss per training step, after the weight update, at
       ``lr_t / initial_lr / update_proj_gap``, re-orthonormalised by QR; no periodic SVD),
       ``"gaussian"`` (Flora: N(0, 1/r) projection, not orthonormal) or ``"srht"`` (subsampled
