@@ -230,6 +230,26 @@ _WORKSPACES: dict = {}
 TABLE_ALIGN = 16
 
 
+class Column(list):
+    """A list of tensors (one per matrix of a group) that computes their data pointers once: the same
+    column (a basis list, a workspace) often feeds two launches of a step."""
+
+    __slots__ = ("_ptrs",)
+
+    def __init__(self, tensors=(), ptrs=None):
+        super().__init__(tensors)
+        self._ptrs = ptrs
+
+    def ptrs(self) -> tuple:
+        if self._ptrs is None:
+            self._ptrs = tuple(t.data_ptr() for t in self)
+        return self._ptrs
+
+
+def _ptrs(col) -> tuple:
+    return col.ptrs() if isinstance(col, Column) else tuple(t.data_ptr() for t in col)
+
+
 def group_table(columns, device: torch.device):
     """``(table, align)`` for a grouped launch: ``columns`` is a list of tensor lists (one list per
     kernel pointer argument, one tensor per matrix). The kernel gets each column's first tensor as its
@@ -240,8 +260,9 @@ def group_table(columns, device: torch.device):
     workspaces keep their addresses from step to step, and the caching allocator mostly hands a new
     gradient its predecessor's address, so a steady loop builds no table and copies nothing to the
     device (which also keeps a CUDA graph capture free of host-to-device copies)."""
-    key = (device, tuple(tuple(t.data_ptr() for t in col) for col in columns),
-           tuple(col[0].element_size() for col in columns))
+    ptrs = tuple(_ptrs(col) for col in columns)
+    sizes = tuple(col[0].element_size() for col in columns)
+    key = (device, ptrs, sizes)
     hit = _TABLES.get(key)
     if hit is not None:
         return hit
@@ -250,9 +271,8 @@ def group_table(columns, device: torch.device):
     count = len(columns[0])
     for g in range(count):
         row = []
-        for col, base in zip(columns, key[1]):
-            size = col[0].element_size()
-            delta = col[g].data_ptr() - base[0]
+        for col_ptrs, size in zip(ptrs, sizes):
+            delta = col_ptrs[g] - col_ptrs[0]
             check(delta % size == 0, "tensors of one group column must be element-aligned with each other")
             off = delta // size
             if off % TABLE_ALIGN:
@@ -266,27 +286,38 @@ def group_table(columns, device: torch.device):
     return table, align
 
 
-def workspace(name: str, count: int, shape, dtype: torch.dtype, device: torch.device) -> list:
+def workspace(name: str, count: int, shape, dtype: torch.dtype, device: torch.device) -> Column:
     """``count`` matrices of ``shape`` stacked in one buffer that is allocated once per (name, shape,
     dtype, device) and grown, never shrunk (intermediates of a grouped step, e.g. the Adam direction
-    N between the projection and the back-projection)."""
+    N between the projection and the back-projection). The views are cached too."""
     key = (name, tuple(shape), dtype, device)
-    buf = _WORKSPACES.get(key)
-    if buf is None or buf.shape[0] < count:
+    entry = _WORKSPACES.get(key)
+    if entry is None or entry[0].shape[0] < count:
         buf = torch.empty((count, *shape), dtype=dtype, device=device)
-        _WORKSPACES[key] = buf
-    return list(buf[:count].unbind(0))
+        entry = _WORKSPACES[key] = (buf, {})
+    buf, views = entry
+    col = views.get(count)
+    if col is None:
+        base, step = buf.data_ptr(), buf.stride(0) * buf.element_size()
+        col = views[count] = Column(buf[:count].unbind(0), tuple(base + i * step for i in range(count)))
+    return col
 
 
 def check_group(name: str, tensors, like=None) -> None:
     """Every tensor of a group column has the first one's shape, strides, dtype and device."""
     first = tensors[0] if like is None else like
+    want = (first.shape, first.stride(), first.dtype, first.device)
     for i, t in enumerate(tensors):
-        check(t.shape == first.shape and t.stride() == first.stride() and t.dtype == first.dtype
-              and t.device == first.device,
-              f"{name}[{i}] must match {name}[0]'s layout (shape {tuple(first.shape)}, strides "
-              f"{first.stride()}, {first.dtype}, {first.device}), got {tuple(t.shape)}, {t.stride()}, "
-              f"{t.dtype}, {t.device}")
+        if (t.shape, t.stride(), t.dtype, t.device) != want:  # the message only when it fails (host cost)
+            raise ValueError(
+                f"{name}[{i}] must match {name}[0]'s layout (shape {tuple(first.shape)}, strides "
+                f"{first.stride()}, {first.dtype}, {first.device}), got {tuple(t.shape)}, {t.stride()}, "
+                f"{t.dtype}, {t.device}")
+
+
+def check_group_unless(checked: bool, name: str, tensors) -> None:
+    if not checked:
+        check_group(name, tensors)
 
 
 def rows_cols(shape) -> tuple:

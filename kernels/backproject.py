@@ -27,7 +27,7 @@ from ._common import (
     device_guard,
     launch,
     back_project_config,
-    check_group,
+    check_group_unless,
     dot_code,
     gemm_tile,
     group_offset,
@@ -115,16 +115,17 @@ def _operands(R: torch.Tensor, P: torch.Tensor, side: str):
     return R, P, (m, n, r), (R.stride(0), R.stride(1)), (P.stride(1), P.stride(0))
 
 
-def launch_group(Rs, Ps, side, outs, alpha, decay, epilogue, dot_dtype, Gs=None, Vs=None, eps=0.0):
+def launch_group(Rs, Ps, side, outs, alpha, decay, epilogue, dot_dtype, Gs=None, Vs=None, eps=0.0,
+                 same_layout=False):
     """One launch for a group of same-layout matrices: ``outs[i]`` (W for the update epilogues)
     from ``Rs[i]``, ``Ps[i]`` (and ``Gs[i]``, ``Vs[i]`` for SNSM). Every list holds one tensor per
-    matrix, all of one layout."""
+    matrix, all of one layout (``same_layout=True``: checked by the caller, see project.launch_group)."""
     count = len(Rs)
     check(count > 0 and len(Ps) == count and len(outs) == count, "Rs, Ps and outs must be non-empty lists of one length")
-    check_group("R", Rs)
-    check_group("P", Ps)
+    check_group_unless(same_layout, "R", Rs)
+    check_group_unless(same_layout, "P", Ps)
     update = epilogue != STORE
-    check_group("W" if update else "out", outs)
+    check_group_unless(same_layout, "W" if update else "out", outs)
     A, B, (Mo, No, K), (s_am, s_ak), (s_bk, s_bn) = _operands(Rs[0], Ps[0], side)
     out = outs[0]
     dot = dot_code(A.dtype, B.dtype, dot_dtype)
@@ -141,8 +142,8 @@ def launch_group(Rs, Ps, side, outs, alpha, decay, epilogue, dot_dtype, Gs=None,
         check(tuple(V.shape) in ((Mo, 1), (1, No)),
               f"V must have shape {(Mo, 1)} or {(1, No)} (one accumulator per row or column), got {tuple(V.shape)}")
         check_fp32_state("V", V, tuple(V.shape))
-        check_group("G", Gs)
-        check_group("V", Vs)
+        check_group_unless(same_layout, "G", Gs)
+        check_group_unless(same_layout, "V", Vs)
         check_same_device(W=out, G=G, V=V)
         v_rows = tuple(V.shape) == (Mo, 1)
         s_v = V.stride(0) if v_rows else V.stride(1)

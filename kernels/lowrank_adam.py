@@ -204,15 +204,22 @@ def adamw_multi_(Ws, Gs, Ms, Vs, *, step_size: float, lr: float, beta1: float, b
     count = len(Ws)
     check(count > 0 and len(Gs) == count and len(Ms) == count and len(Vs) == count,
           "Ws, Gs, Ms and Vs must be non-empty lists of one length")
+    w_dtype, g_dtype, device = Ws[0].dtype, Gs[0].dtype, Ws[0].device
+    check_dtype("W", Ws[0])
+    check_dtype("G", Gs[0])
+    f32 = torch.float32
     for i, (W, G, M, V) in enumerate(zip(Ws, Gs, Ms, Vs)):
-        check_dtype("W", W)
-        check_dtype("G", G)
-        check(W.dtype == Ws[0].dtype and G.dtype == Gs[0].dtype,
-              f"one launch takes one W dtype and one G dtype; tensor {i} has {W.dtype} and {G.dtype}")
-        check(tuple(G.shape) == tuple(W.shape), f"G must have W's shape {tuple(W.shape)}, got {tuple(G.shape)}")
-        check_fp32_state("M", M, W.shape)
-        check_fp32_state("V", V, W.shape)
-        check_same_device(W=W, G=G, M=M, V=V, first=Ws[0])
+        shape = W.shape
+        # One comparison per tensor on the common path; the detailed checks name what is wrong.
+        if not (W.dtype == w_dtype and G.dtype == g_dtype and G.shape == shape and M.shape == shape
+                and V.shape == shape and M.dtype == f32 and V.dtype == f32 and W.device == device
+                and G.device == device and M.device == device and V.device == device):
+            check(W.dtype == w_dtype and G.dtype == g_dtype,
+                  f"one launch takes one W dtype and one G dtype; tensor {i} has {W.dtype} and {G.dtype}")
+            check(tuple(G.shape) == tuple(shape), f"G must have W's shape {tuple(shape)}, got {tuple(G.shape)}")
+            check_fp32_state("M", M, shape)
+            check_fp32_state("V", V, shape)
+            check_same_device(W=W, G=G, M=M, V=V, first=Ws[0])
     keep = [i for i in range(count) if Ws[i].numel() > 0]
     if not keep:
         return

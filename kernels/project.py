@@ -38,7 +38,7 @@ from ._common import (
     current_target,
     device_guard,
     launch,
-    check_group,
+    check_group_unless,
     dot_code,
     gemm_tile,
     group_offset,
@@ -146,19 +146,20 @@ def _out_dtypes(basis_dtype):
 
 
 def launch_group(Gs, Ps, side, epilogue, outs, *, Ms=None, Vs=None, Vsums=None,
-                 beta1=0.0, beta2=0.0, eps=0.0, dot_dtype=None):
+                 beta1=0.0, beta2=0.0, eps=0.0, dot_dtype=None, same_layout=False):
     """One launch for a group of same-layout matrices: ``Gs[i]``, ``Ps[i]`` -> ``outs[i]``.
 
     ``epilogue``: STORE (``outs`` of any supported dtype), ADAM (fp32 ``Ms``, ``Vs``; N into ``outs``,
     fp32 or the basis dtype) or MOMENTUM (``Ms``; D into ``outs``, fp32 or the basis dtype), the last
     optionally with the Subset-Norm accumulators ``Vsums``. Every list holds one tensor per matrix and
-    all tensors of a list share shape, strides and dtype.
+    all tensors of a list share shape, strides and dtype (``same_layout=True``: the caller has
+    checked that already, e.g. ``ops`` groups by layout; saves the per-tensor host checks).
     """
     count = len(Gs)
     check(count > 0 and len(Ps) == count and len(outs) == count, "Gs, Ps and outs must be non-empty lists of one length")
-    check_group("G", Gs)
-    check_group("P", Ps)
-    check_group("out", outs)
+    check_group_unless(same_layout, "G", Gs)
+    check_group_unless(same_layout, "P", Ps)
+    check_group_unless(same_layout, "out", outs)
     A, B, (Mo, No, K), (s_am, s_ak), (s_bk, s_bn) = _operands(Gs[0], Ps[0], side)
     out = outs[0]
     dot = dot_code(A.dtype, B.dtype, dot_dtype)
@@ -172,12 +173,12 @@ def launch_group(Gs, Ps, side, epilogue, outs, *, Ms=None, Vs=None, Vsums=None,
               f"{out_name} must be float32 or the basis dtype {Ps[0].dtype}, got {out.dtype}")
         check(Ms is not None and len(Ms) == count, "Ms must hold one moment per matrix")
         check_fp32_state("M", Ms[0], (Mo, No))
-        check_group("M", Ms)
+        check_group_unless(same_layout, "M", Ms)
         check_same_device(G=Gs[0], M=Ms[0])
         if epilogue == ADAM:
             check(Vs is not None and len(Vs) == count, "Vs must hold one moment per matrix")
             check_fp32_state("V", Vs[0], (Mo, No))
-            check_group("V", Vs)
+            check_group_unless(same_layout, "V", Vs)
             check_same_device(G=Gs[0], V=Vs[0])
     sumsq = 0
     if Vsums is not None:
@@ -189,7 +190,7 @@ def launch_group(Gs, Ps, side, epilogue, outs, *, Ms=None, Vs=None, Vsums=None,
             f"shape {want}, got {tuple(Vsums[0].shape)} (kernels.subset_norm.subset_norm_ does the other sum)",
         )
         check_fp32_state("V", Vsums[0], want)
-        check_group("V", Vsums)
+        check_group_unless(same_layout, "V", Vsums)
         check_same_device(G=Gs[0], V=Vsums[0])
         sumsq = 1 if side == "right" else 2
     if Mo == 0 or No == 0 or K == 0:

@@ -214,8 +214,10 @@ def _check_step_basis(basis: Basis, side: str) -> None:
 WORKSPACE_CAP_BYTES = 256 * 2**20
 
 
-def _layout(*tensors) -> tuple:
-    return tuple((tuple(t.shape), t.stride(), t.dtype) for t in tensors)
+def _layout(W, *tensors) -> tuple:
+    """What one grouped launch needs its matrices to share (kernels/_common.py check_group): shapes,
+    strides and dtypes, and the device (every tensor of a matrix must be on its weight's)."""
+    return (W.device, W.shape, W.stride(), W.dtype) + tuple((t.shape, t.stride(), t.dtype) for t in tensors)
 
 
 def _chunks(count: int, keys, bytes_per_matrix: int):
@@ -229,8 +231,22 @@ def _chunks(count: int, keys, bytes_per_matrix: int):
             yield idx[j:j + size]
 
 
+def _project_group(*args, **kwargs):
+    from .kernels import project as _kproject
+
+    return _kproject.launch_group(*args, same_layout=True, **kwargs)  # layouts: grouped by _layout
+
+
+def _back_project_group(*args, **kwargs):
+    from .kernels import backproject as _kback
+
+    return _kback.launch_group(*args, same_layout=True, **kwargs)
+
+
 def _pick(seq, idx):
-    return [seq[i] for i in idx]
+    from .kernels._common import Column  # a list that computes its data pointers once
+
+    return Column([seq[i] for i in idx])
 
 
 def _product_dtype(P: Tensor) -> torch.dtype:
@@ -291,11 +307,11 @@ def galore_matrices_step_(
             Ts = workspace("galore.T", len(idx), (r1, n), torch.float32, dev)
             Ns = workspace("galore.N_full", len(idx), (r1, r2), torch.float32, dev)
             Ys = workspace("galore.Y", len(idx), (m, r2), _product_dtype(Pr0), dev)
-            _kproject.launch_group(_pick(Gs, idx), _pick(Pls, idx), "left", _kproject.STORE, Ts)
-            _kproject.launch_group(Ts, _pick(Prs, idx), "right", _kproject.ADAM, Ns,
+            _project_group(_pick(Gs, idx), _pick(Pls, idx), "left", _kproject.STORE, Ts)
+            _project_group(Ts, _pick(Prs, idx), "right", _kproject.ADAM, Ns,
                                    Ms=_pick(Ms, idx), Vs=_pick(Vs, idx), **hyper)
-            _kback.launch_group(Ns, _pick(Pls, idx), "left", Ys, 0.0, 0.0, _kback.STORE, None)
-            _kback.launch_group(Ys, _pick(Prs, idx), "right", _pick(Ws, idx), alpha, decay, _kback.UPDATE,
+            _back_project_group(Ns, _pick(Pls, idx), "left", Ys, 0.0, 0.0, _kback.STORE, None)
+            _back_project_group(Ys, _pick(Prs, idx), "right", _pick(Ws, idx), alpha, decay, _kback.UPDATE,
                                 Pr0.dtype)
         return
     keys = [_layout(W, G, P, M, V) for W, G, P, M, V in zip(Ws, Gs, bases, Ms, Vs)]
@@ -305,9 +321,9 @@ def galore_matrices_step_(
         P0 = bases[idx[0]]
         Ns = workspace("galore.N", len(idx), low, _product_dtype(P0), P0.device)
         Ps = _pick(bases, idx)
-        _kproject.launch_group(_pick(Gs, idx), Ps, side, _kproject.ADAM, Ns,
+        _project_group(_pick(Gs, idx), Ps, side, _kproject.ADAM, Ns,
                                Ms=_pick(Ms, idx), Vs=_pick(Vs, idx), **hyper)
-        _kback.launch_group(Ns, Ps, side, _pick(Ws, idx), alpha, decay, _kback.UPDATE, P0.dtype)
+        _back_project_group(Ns, Ps, side, _pick(Ws, idx), alpha, decay, _kback.UPDATE, P0.dtype)
 
 
 def galore_matrix_step_(
@@ -392,11 +408,11 @@ def snsm_matrices_step_(
             Ts = workspace("snsm.T", len(idx), (r1, n), torch.float32, dev)
             Ds = workspace("snsm.D_full", len(idx), (r1, r2), torch.float32, dev)
             Ys = workspace("snsm.Y", len(idx), (m, r2), _product_dtype(Pr0), dev)
-            _kproject.launch_group(_pick(Gs, idx), _pick(Pls, idx), "left", _kproject.STORE, Ts)
-            _kproject.launch_group(Ts, _pick(Prs, idx), "right", _kproject.MOMENTUM, Ds, Ms=_pick(Ms, idx),
+            _project_group(_pick(Gs, idx), _pick(Pls, idx), "left", _kproject.STORE, Ts)
+            _project_group(Ts, _pick(Prs, idx), "right", _kproject.MOMENTUM, Ds, Ms=_pick(Ms, idx),
                                    beta1=beta1)
-            _kback.launch_group(Ds, _pick(Pls, idx), "left", Ys, 0.0, 0.0, _kback.STORE, None)
-            _kback.launch_group(Ys, _pick(Prs, idx), "right", _pick(Ws, idx), alpha, decay, _kback.SNSM_UPDATE,
+            _back_project_group(Ds, _pick(Pls, idx), "left", Ys, 0.0, 0.0, _kback.STORE, None)
+            _back_project_group(Ys, _pick(Prs, idx), "right", _pick(Ws, idx), alpha, decay, _kback.SNSM_UPDATE,
                                 Pr0.dtype, Gs=_pick(Gs, idx), Vs=_pick(Vs, idx), eps=eps)
         return
     keys = [_layout(W, G, P, M, V) for W, G, P, M, V in zip(Ws, Gs, bases, Ms, Vs)]
@@ -410,9 +426,9 @@ def snsm_matrices_step_(
         if not fused_v:
             for G, V in zip(Gi, Vi):
                 _ksn.subset_norm_(G, V, beta2=beta2)
-        _kproject.launch_group(Gi, Ps, side, _kproject.MOMENTUM, Ds, Ms=_pick(Ms, idx),
+        _project_group(Gi, Ps, side, _kproject.MOMENTUM, Ds, Ms=_pick(Ms, idx),
                                Vsums=Vi if fused_v else None, beta1=beta1, beta2=beta2)
-        _kback.launch_group(Ds, Ps, side, _pick(Ws, idx), alpha, decay, _kback.SNSM_UPDATE, P0.dtype,
+        _back_project_group(Ds, Ps, side, _pick(Ws, idx), alpha, decay, _kback.SNSM_UPDATE, P0.dtype,
                             Gs=Gi, Vs=Vi, eps=eps)
 
 

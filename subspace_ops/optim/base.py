@@ -90,19 +90,16 @@ def parameter_seed(group_seed: int, index: int, step: int) -> int:
     return (int(group_seed) * 1_000_003 + index) * 1_000_003 + step
 
 
-class _GroupKey:
-    """A param group as a dict key (groups are dicts, so unhashable): by identity."""
+class _Collected:
+    """What one ``step()`` gathers before it updates: low-rank batches keyed by (group, side, layout,
+    step count), plain batches keyed by their hyperparameters, step counters to advance, actions to
+    run after the updates, and the hyperparameters already computed per (group, step count)."""
 
-    __slots__ = ("group",)
+    __slots__ = ("batches", "plain", "steps", "after", "hyper")
 
-    def __init__(self, group: dict):
-        self.group = group
-
-    def __hash__(self):
-        return id(self.group)
-
-    def __eq__(self, other):
-        return self.group is other.group
+    def __init__(self):
+        self.batches, self.plain, self.hyper = {}, {}, {}
+        self.steps, self.after = [], []
 
 
 def _float(x) -> float:
@@ -188,9 +185,7 @@ class SubspaceOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        batches: dict = {}
-        plain: dict = {}
-        after = []
+        c = _Collected()
         index = 0
         for group in self.param_groups:
             lowrank_group = "rank" in group
@@ -199,15 +194,17 @@ class SubspaceOptimizer(Optimizer):
                     self._check_grad(p, group, index)
                     if p.numel() > 0:
                         if lowrank_group and p.dim() >= 2:
-                            self._collect_lowrank(p, group, index, batches, after)
+                            self._collect_lowrank(p, group, index, c)
                         else:
-                            self._collect_plain(p, group, plain)
+                            self._collect_plain(p, group, c)
                 index += 1
-        for (key, side, _layout, _t), (Ws, Gs, bases, states, hyper) in batches.items():
-            self._matrix_updates(Ws, Gs, bases, states, key.group, side, hyper)
-        for _key, (Ws, Gs, Ms, Vs, hyper) in plain.items():
+        if c.steps:
+            torch._foreach_add_(c.steps, 1.0)  # every step count in one call (host cost)
+        for key, (Ws, Gs, bases, states, hyper, group) in c.batches.items():
+            self._matrix_updates(Ws, Gs, bases, states, group, key[1], hyper)
+        for _key, (Ws, Gs, Ms, Vs, hyper) in c.plain.items():
             ops.adam_steps_(Ws, Gs, Ms, Vs, backend=self.backend, **hyper)
-        for fn in after:
+        for fn in c.after:
             fn()
         return loss
 
@@ -224,23 +221,28 @@ class SubspaceOptimizer(Optimizer):
                 "group does not support; put it in a group without 'rank'"
             )
 
-    def _hyper(self, group: dict, state: dict) -> tuple:
-        """(step count after this step, the hyperparameters of the update)."""
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
-        t = int(state["step"].item())
-        lr = group["lr"]
-        lr = float(lr) if not isinstance(lr, Tensor) else lr.item()
-        return t, dict(
-            step_size=reference.adam_step_size(lr, beta1, beta2, t, group["correct_bias"]),
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-        )
+    def _hyper(self, group: dict, state: dict, c: "_Collected") -> tuple:
+        """(step count after this step, the hyperparameters of the update). The step count itself is
+        advanced once for all parameters at the end of the collection (``step``)."""
+        t = int(state["step"].item()) + 1
+        c.steps.append(state["step"])
+        key = (id(group), t)
+        hyper = c.hyper.get(key)
+        if hyper is None:
+            beta1, beta2 = group["betas"]
+            lr = group["lr"]
+            lr = float(lr) if not isinstance(lr, Tensor) else lr.item()
+            hyper = c.hyper[key] = dict(
+                step_size=reference.adam_step_size(lr, beta1, beta2, t, group["correct_bias"]),
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+            )
+        return t, hyper
 
-    def _collect_plain(self, p: Tensor, group: dict, plain: dict) -> None:
+    def _collect_plain(self, p: Tensor, group: dict, c: "_Collected") -> None:
         W, G = p, p.grad
         if torch.is_complex(p):
             W, G = torch.view_as_real(p), torch.view_as_real(G)
@@ -249,11 +251,11 @@ class SubspaceOptimizer(Optimizer):
             state["step"] = torch.zeros((), dtype=torch.float32)
             state["exp_avg"] = torch.zeros(W.shape, dtype=torch.float32, device=p.device)
             state["exp_avg_sq"] = torch.zeros(W.shape, dtype=torch.float32, device=p.device)
-        _, hyper = self._hyper(group, state)
+        _, hyper = self._hyper(group, state, c)
         key = tuple(hyper.values())  # plain tensors of every group with equal settings: one launch
-        batch = plain.get(key)
+        batch = c.plain.get(key)
         if batch is None:
-            batch = plain[key] = ([], [], [], [], hyper)
+            batch = c.plain[key] = ([], [], [], [], hyper)
         batch[0].append(W)
         batch[1].append(G)
         batch[2].append(state["exp_avg"])
@@ -274,7 +276,7 @@ class SubspaceOptimizer(Optimizer):
             reference.transport_moments_(state["exp_avg"], state["exp_avg_sq"], old, new, side)
 
     # -- low-rank matrices ------------------------------------------------------------------------
-    def _collect_lowrank(self, p: Tensor, group: dict, index: int, batches: dict, after: list) -> None:
+    def _collect_lowrank(self, p: Tensor, group: dict, index: int, c: "_Collected") -> None:
         m = p.shape[0]
         n = p.numel() // m
         side = basis_side(group["proj_type"], m, n)
@@ -286,24 +288,26 @@ class SubspaceOptimizer(Optimizer):
             offset = index % group["update_proj_gap"] if group["stagger"] else 0
             state["refresh_offset"] = torch.tensor(offset, dtype=torch.int64)
 
-        G = p.grad.reshape(m, n)
+        G = p.grad if p.dim() == 2 else p.grad.reshape(m, n)  # reshape costs ~1 µs of host time
         s = int(state["step"].item())
         refreshed = False
         if self._refresh_due(state, group, s):
             refreshed = self._refresh(state, G, group, side, rank, index, s)
 
         basis = self._basis(state, group, side, G, index)
-        t, hyper = self._hyper(group, state)
-        # An in-place view of the weight; a non-contiguous weight is updated through a copy.
-        W = p.view(m, n) if p.is_contiguous() else p.reshape(m, n).clone()
-        if W.data_ptr() != p.data_ptr():
-            after.append(lambda p=p, W=W: p.copy_(W.view_as(p)))
+        t, hyper = self._hyper(group, state, c)
+        # The weight itself or an in-place view; a non-contiguous weight is updated through a copy.
+        if p.is_contiguous():
+            W = p if p.dim() == 2 else p.view(m, n)
+        else:
+            W = p.reshape(m, n).clone()
+            c.after.append(lambda p=p, W=W: p.copy_(W.view_as(p)))
         if group["projector"] == "online_pca" and not refreshed:
-            after.append(lambda: self._online_pca_step(state, G, basis, group, side, index, s))
-        key = (_GroupKey(group), side, (W.shape, W.dtype, G.dtype), t)
-        batch = batches.get(key)
+            c.after.append(lambda: self._online_pca_step(state, G, basis, group, side, index, s))
+        key = (id(group), side, W.shape, W.dtype, G.dtype, t)
+        batch = c.batches.get(key)
         if batch is None:
-            batch = batches[key] = ([], [], [], [], hyper)
+            batch = c.batches[key] = ([], [], [], [], hyper, group)
         batch[0].append(W)
         batch[1].append(G)
         batch[2].append(basis)
@@ -315,7 +319,7 @@ class SubspaceOptimizer(Optimizer):
             return True
         if group["projector"] == "online_pca":  # refreshed only by its own steps after the SVD start
             return False
-        return (s + int(state["refresh_offset"])) % group["update_proj_gap"] == 0
+        return (s + state["refresh_offset"].item()) % group["update_proj_gap"] == 0
 
     def _basis(self, state: dict, group: dict, side: str, G: Tensor, index: int):
         """The current basis: stored, or regenerated from its seed (gaussian, srht)."""
