@@ -225,13 +225,16 @@ class Case:
     dtype: str
     rank: int = 0
     side: str = ""
+    # capturable=True (or a tensor lr): the update kernels read lr and the step count from memory
+    capturable: bool = False
 
     @property
     def label(self) -> str:
+        tail = " capturable" if self.capturable else ""
         if self.algo in MATRIX_ALGOS:
-            return f"{self.m}x{self.n} r{self.rank} {self.dtype} {self.side} {self.algo}"
+            return f"{self.m}x{self.n} r{self.rank} {self.dtype} {self.side} {self.algo}{tail}"
         shape = f"{self.n}" if self.m == 0 else f"{self.m}x{self.n}"
-        return f"{shape} {self.dtype} {self.algo}" + (f" {self.side}" if self.side else "")
+        return f"{shape} {self.dtype} {self.algo}" + (f" {self.side}" if self.side else "") + tail
 
     @property
     def matrix(self) -> bool:
@@ -253,6 +256,10 @@ def run_case(case: Case, device: str = "cpu") -> None:
         return torch.empty(shape, dtype=dtype, device=device)
 
     hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01)
+    step_size = 1e-3
+    if case.capturable:  # what a capturable group passes (SubspaceOptimizer._hyper)
+        hyper.update(lr=empty(), step=empty())
+        step_size = None
     if case.matrix:
         W, G = empty(m, n, dtype=dt), empty(m, n, dtype=dt)
         r = projectors.effective_rank(case.rank, m, n)
@@ -265,15 +272,16 @@ def run_case(case: Case, device: str = "cpu") -> None:
         M = empty(*projectors.lowrank_shape(case.side, m, n, r))
         if case.algo == "galore":  # GaLoreAdamW._matrix_update
             V = empty(*M.shape)
-            ops.galore_matrix_step_(W, G, basis, M, V, backend="triton", side=case.side, step_size=1e-3,
+            ops.galore_matrix_step_(W, G, basis, M, V, backend="triton", side=case.side, step_size=step_size,
                                     scale=0.25, **hyper)
         else:  # AdamSNSM._matrix_update
             V = empty(*reference.subset_norm_shape(m, n))
-            ops.snsm_matrix_step_(W, G, basis, M, V, backend="triton", side=case.side, step_size=1e-3, **hyper)
+            ops.snsm_matrix_step_(W, G, basis, M, V, backend="triton", side=case.side, step_size=step_size,
+                                  **hyper)
     elif case.algo == "adamw":  # SubspaceOptimizer._plain_step
         shape = (n,) if m == 0 else (m, n)
         W, G = empty(*shape, dtype=dt), empty(*shape, dtype=dt)
-        ops.adam_step_(W, G, empty(*shape), empty(*shape), backend="triton", step_size=1e-3, **hyper)
+        ops.adam_step_(W, G, empty(*shape), empty(*shape), backend="triton", step_size=step_size, **hyper)
     elif case.algo == "lowrank_adam":
         ops.lowrank_adam_(empty(m, n, dtype=dt), empty(m, n), empty(m, n), backend="triton",
                           beta1=0.9, beta2=0.999, eps=1e-6)
@@ -293,8 +301,13 @@ def all_cases() -> List[Case]:
         Case(algo, m, n, dtype, rank, side)
         for rank, (m, n), dtype, side, algo in itertools.product(RANKS, LLAMA_SHAPES, DTYPES, SIDES, MATRIX_ALGOS)
     ]
+    out += [
+        Case(algo, m, n, "bf16", 256, side, capturable=True)
+        for (m, n), side, algo in itertools.product(LLAMA_SHAPES, ("left", "right"), MATRIX_ALGOS)
+    ]
     for dtype in DTYPES:
         out.append(Case("adamw", 0, 4096, dtype))  # biases and norms
+        out.append(Case("adamw", 0, 4096, dtype, capturable=True))
         out.append(Case("adamw", 32000, 4096, dtype))  # embedding / output head (full rank)
     from subspace_ops import projectors
 
@@ -321,6 +334,8 @@ PRESETS = {
         "4096x4096 r128 fp32 left snsm",
         "4096x4096 r128 bf16 full galore",
         "4096 bf16 adamw",
+        "4096x11008 r256 bf16 left galore capturable",
+        "4096 bf16 adamw capturable",
         "256x11008 fp32 lowrank_adam",
         "4096x11008 bf16 subset_norm cols",
     ],

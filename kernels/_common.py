@@ -134,9 +134,18 @@ def launch(kernel, grid, *args, **kwargs):
     return kernel[grid](*args, **kwargs)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (triton.cdiv is a wrapper object: ~2.6 µs a call on Triton 3.9)."""
+    return -(-a // b)
+
+
+def next_pow2(x: int) -> int:
+    return 1 << (max(int(x), 1) - 1).bit_length()
+
+
 def _fit(dim: int, cap: int, floor: int = 16) -> int:
     """Smallest power of two >= dim, within [floor, cap] (tl.dot needs tiles of at least 16)."""
-    return max(floor, min(cap, triton.next_power_of_2(max(int(dim), 1))))
+    return max(floor, min(cap, next_pow2(dim)))
 
 
 def _interpreter_tiles(M: int, N: int, K: int) -> dict:
@@ -160,6 +169,7 @@ def _k_tile_and_stages(bm: int, bn: int, K: int, a_size: int, b_size: int, dot: 
     return bk, stages
 
 
+@functools.lru_cache(maxsize=4096)
 def project_config(M: int, N: int, K: int, a_size: int, b_size: int, dot: int, target: Target,
                    count: int = 1, *, rank_dim: int = 0, heavy_epilogue: bool = False) -> dict:
     """Tiles for a projection ``(M x K) @ (K x N)`` whose output dimension ``rank_dim`` (0: M, 1: N)
@@ -167,7 +177,8 @@ def project_config(M: int, N: int, K: int, a_size: int, b_size: int, dot: int, t
 
     GPU: the rank dimension takes one tile of up to 128 (a rank of 256 is two tiles, whose programs
     run next to each other in grouped order, so the second read of a G slab hits L2); the other
-    dimension 64, halved while the whole group's grid stays under one wave. The epilogue needs the
+    dimension 64, halved while the whole group's grid stays under ~one wave, but never below 64 rows
+    for 16-bit products (wgmma; side "right" then halves the rank tile instead). The epilogue needs the
     complete K sum, so K is never split; filling the SMs comes from the group dimension (one launch
     per same-shape group: 32+ matrices in a 7B model) and from the long side of G. With the Adam
     epilogue the accumulator and the M and V tiles are live together: 128x64 fp32 each over 8 warps
@@ -175,21 +186,36 @@ def project_config(M: int, N: int, K: int, a_size: int, b_size: int, dot: int, t
     """
     if target.interpret:
         return _interpreter_tiles(M, N, K)
-    rank, other = (M, N) if rank_dim == 0 else (N, M)
     if dot == 0:
         # fp32 products run on FMA units, operands in registers: 64x64 tiles (ptxas: larger ones spill).
-        br, bo = _fit(rank, 64, 32), 64
+        br, bo = _fit(N if rank_dim else M, 64, 32), 64
     else:
-        br = _fit(rank, 128, 64)
+        br = _fit(N if rank_dim else M, 128, 64)
         bo = 64 if heavy_epilogue else 128
-    while triton.cdiv(rank, br) * triton.cdiv(other, bo) * count < target.num_sms and bo > 32:
-        bo //= 2
     bm, bn = (br, bo) if rank_dim == 0 else (bo, br)
+    # wgmma (sm_90's tensor-core instruction) needs tiles of at least 64 rows: below that Triton
+    # falls back to mma.sync. Shrink toward ~one wave without going there: the non-rank side first,
+    # then (side "right", where the rank is the column tile) the rank tile.
+    min_m = 64 if dot != 0 else 16
+
+    def ctas(bm, bn):
+        return cdiv(M, bm) * cdiv(N, bn) * count
+
+    while 10 * ctas(bm, bn) < 9 * target.num_sms:
+        if rank_dim == 0 and bn > 32:
+            bn //= 2
+        elif rank_dim == 1 and bm > max(min_m, 32):
+            bm //= 2
+        elif rank_dim == 1 and bn > 32:
+            bn //= 2
+        else:
+            break
     bk, stages = _k_tile_and_stages(bm, bn, K, a_size, b_size, dot)
     num_warps = 8 if bm * bn >= 128 * 64 else 4
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=num_warps, num_stages=stages)
 
 
+@functools.lru_cache(maxsize=4096)
 def back_project_config(M: int, N: int, K: int, a_size: int, b_size: int, dot: int, target: Target,
                         count: int = 1) -> dict:
     """Tiles for a back-projection ``(M x K) @ (K x N)``, K the (small) rank, output the weight.
@@ -203,7 +229,7 @@ def back_project_config(M: int, N: int, K: int, a_size: int, b_size: int, dot: i
         return _interpreter_tiles(M, N, K)
     cap = 64 if dot == 0 else 128  # fp32 products on FMA units: 128x128 spills (ptxas, sm_90)
     bm, bn = _fit(M, cap, 64), _fit(N, cap, 64)
-    while triton.cdiv(M, bm) * triton.cdiv(N, bn) * count < target.num_sms and max(bm, bn) > 64:
+    while cdiv(M, bm) * cdiv(N, bn) * count < target.num_sms and max(bm, bn) > 64:
         if bm >= bn:
             bm //= 2
         else:
@@ -217,6 +243,75 @@ def elementwise_config(target: Target) -> dict:
     """1024 elements per program, 8 per thread: enough bytes in flight for a streaming kernel, and
     few programs for the interpreter."""
     return dict(BLOCK=1024, num_warps=4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Step sizes read from device memory (capturable steps, a learning rate held in a CUDA tensor)
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DeviceHyper:
+    """The inputs of a weight update's step size when some live in device memory.
+
+    ``lr``: a 0-d tensor on the weights' device (read by the kernel: a scheduler may change it with no
+    host sync), or None to use ``lr_value``. ``step``: a 0-d fp32 tensor holding the step count of
+    this step (capturable: advanced on the device), or None to use ``bias_correction``, the host's
+    ``sqrt(1-β2^t)/(1-β1^t)``. The kernel forms ``alpha = -lr·c_t·scale`` and ``decay = -lr·wd`` in
+    fp32 (docs/algorithms.md §1), one rounding away from the host's float64 step size.
+    """
+
+    lr: object = None
+    step: object = None
+    lr_value: float = 0.0
+    bias_correction: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    correct_bias: bool = True
+    scale: float = 1.0
+    weight_decay: float = 0.0
+
+    def kernel_args(self, dummy: torch.Tensor) -> tuple:
+        """(lr_ptr, step_ptr, lr_value, bias_correction, log2_beta1, log2_beta2, scale, weight_decay)
+        and the constexprs LR_PTR, STEP_PTR, CORRECT_BIAS."""
+        import math
+
+        def log2(b):
+            return math.log2(b) if b > 0.0 else float("-inf")
+
+        args = (self.lr if self.lr is not None else dummy, self.step if self.step is not None else dummy,
+                float(self.lr_value), float(self.bias_correction), log2(self.beta1), log2(self.beta2),
+                float(self.scale), float(self.weight_decay))
+        flags = dict(LR_PTR=self.lr is not None, STEP_PTR=self.step is not None,
+                     CORRECT_BIAS=bool(self.correct_bias))
+        return args, flags
+
+
+def host_hyper_args(dummy: torch.Tensor) -> tuple:
+    """Placeholders for the DeviceHyper arguments of a launch whose step size is a host scalar."""
+    return (dummy, dummy, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0), dict(LR_PTR=False, STEP_PTR=False, CORRECT_BIAS=False)
+
+
+@triton.jit
+def update_scalars(alpha, decay, lr_ptr, step_ptr, lr_value, bias_correction, log2_beta1, log2_beta2,
+                   scale, weight_decay, HYPER: tl.constexpr, LR_PTR: tl.constexpr, STEP_PTR: tl.constexpr,
+                   CORRECT_BIAS: tl.constexpr):
+    """(alpha, decay) of a weight update: the host's scalars (HYPER = 0), or formed from the learning
+    rate and step count in device memory (HYPER = 1, see DeviceHyper)."""
+    if HYPER:
+        if LR_PTR:
+            lr = tl.load(lr_ptr).to(tl.float32)
+        else:
+            lr = lr_value
+        if STEP_PTR:
+            t = tl.load(step_ptr).to(tl.float32)
+            if CORRECT_BIAS:
+                c = tl.div_rn(tl.sqrt_rn(1.0 - tl.exp2(t * log2_beta2)), 1.0 - tl.exp2(t * log2_beta1))
+            else:
+                c = 1.0
+        else:
+            c = bias_correction
+        alpha = -(lr * c) * scale
+        decay = -lr * weight_decay
+    return alpha, decay
 
 
 # ---------------------------------------------------------------------------------------------------

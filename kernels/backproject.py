@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    cdiv,
     check,
     check_dtype,
     check_fp32_state,
@@ -33,6 +34,8 @@ from ._common import (
     group_offset,
     group_table,
     grouped_tile,
+    host_hyper_args,
+    update_scalars,
     store_rounded,
 )
 
@@ -51,8 +54,10 @@ def _back_project_kernel(
     M, N, K,
     s_am, s_ak, s_bk, s_bn, s_om, s_on, s_gm, s_gn, s_v,
     alpha, decay, eps,
+    lr_ptr, step_ptr, lr_value, bias_correction, log2_beta1, log2_beta2, scale, weight_decay,
     EPILOGUE: tl.constexpr, V_ROWS: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, HYPER: tl.constexpr, LR_PTR: tl.constexpr, STEP_PTR: tl.constexpr,
+    CORRECT_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Sizes specialized as in project.py; axis 1 walks the matrices of a group.
@@ -86,6 +91,8 @@ def _back_project_kernel(
         # IEEE sqrt and division, as the reference.
         acc = tl.div_rn(acc + g.to(tl.float32), tl.sqrt_rn(v) + eps)
     if EPILOGUE != 0:
+        alpha, decay = update_scalars(alpha, decay, lr_ptr, step_ptr, lr_value, bias_correction, log2_beta1,
+                                      log2_beta2, scale, weight_decay, HYPER, LR_PTR, STEP_PTR, CORRECT_BIAS)
         w = w.to(tl.float32)
         w = w + alpha * acc  # alpha = -step_size * scale
         # decay = -lr * weight_decay; skipped when 0 as the reference does (keeps an inf weight inf).
@@ -116,10 +123,12 @@ def _operands(R: torch.Tensor, P: torch.Tensor, side: str):
 
 
 def launch_group(Rs, Ps, side, outs, alpha, decay, epilogue, dot_dtype, Gs=None, Vs=None, eps=0.0,
-                 same_layout=False):
+                 same_layout=False, device_hyper=None):
     """One launch for a group of same-layout matrices: ``outs[i]`` (W for the update epilogues)
     from ``Rs[i]``, ``Ps[i]`` (and ``Gs[i]``, ``Vs[i]`` for SNSM). Every list holds one tensor per
-    matrix, all of one layout (``same_layout=True``: checked by the caller, see project.launch_group)."""
+    matrix, all of one layout (``same_layout=True``: checked by the caller, see project.launch_group).
+    ``device_hyper`` (a ``DeviceHyper``): the update epilogues form alpha and decay from the learning
+    rate and step count it points to, instead of the host scalars ``alpha`` and ``decay``."""
     count = len(Rs)
     check(count > 0 and len(Ps) == count and len(outs) == count, "Rs, Ps and outs must be non-empty lists of one length")
     check_group_unless(same_layout, "R", Rs)
@@ -151,6 +160,8 @@ def launch_group(Rs, Ps, side, outs, alpha, decay, epilogue, dot_dtype, Gs=None,
         Gs = Vs = outs  # unused pointers
     if Mo == 0 or No == 0:
         return outs
+    if device_hyper is not None and (K == 0 and epilogue == UPDATE):
+        alpha, decay = _host_alpha_decay(device_hyper)
     if K == 0:
         if epilogue == UPDATE:
             # A rank-0 direction is 0: only the decay applies.
@@ -173,20 +184,36 @@ def launch_group(Rs, Ps, side, outs, alpha, decay, epilogue, dot_dtype, Gs=None,
     else:
         As, Bs = Rs, Ps
     table, align = group_table([As, Bs, outs, Gs, Vs], out.device)
+    if device_hyper is not None and update:
+        hyper_args, hyper_flags = device_hyper.kernel_args(table)
+    else:
+        hyper_args, hyper_flags = host_hyper_args(table)
     target = current_target(out.device)
     cfg = back_project_config(Mo, No, K, As[0].element_size(), Bs[0].element_size(), dot, target, count)
-    grid = (triton.cdiv(Mo, cfg["BLOCK_M"]) * triton.cdiv(No, cfg["BLOCK_N"]), count)
+    grid = (cdiv(Mo, cfg["BLOCK_M"]) * cdiv(No, cfg["BLOCK_N"]), count)
     with device_guard(out):
         launch(
             _back_project_kernel, grid,
             As[0], Bs[0], out, Gs[0], Vs[0], table,
             Mo, No, K,
             s_am, s_ak, s_bk, s_bn, out.stride(0), out.stride(1), Gs[0].stride(0), Gs[0].stride(1), s_v,
-            float(alpha), float(decay), float(eps),
+            float(alpha), float(decay), float(eps), *hyper_args,
             EPILOGUE=epilogue, V_ROWS=v_rows, DOT=dot, INTERPRET=target.interpret, ALIGN=align,
+            HYPER=device_hyper is not None and update, **hyper_flags,
             **cfg,
         )
     return outs
+
+
+def _host_alpha_decay(h):
+    """alpha and decay of a DeviceHyper on the host (the rare rank-0 case; reads device values)."""
+    lr = float(h.lr) if h.lr is not None else h.lr_value
+    if h.step is not None:
+        t = float(h.step)
+        c = ((1.0 - h.beta2 ** t) ** 0.5 / (1.0 - h.beta1 ** t)) if h.correct_bias else 1.0
+    else:
+        c = h.bias_correction
+    return -(lr * c) * h.scale, -lr * h.weight_decay
 
 
 def _launch(R, P, side, out, alpha, decay, epilogue, dot_dtype, G=None, V=None, eps=0.0):

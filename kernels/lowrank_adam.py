@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    cdiv,
     check,
     check_dtype,
     check_fp32_state,
@@ -28,6 +29,8 @@ from ._common import (
     elementwise_config,
     group_offset,
     group_table,
+    host_hyper_args,
+    update_scalars,
     rows_cols,
     store_rounded,
     view_2d,
@@ -61,7 +64,9 @@ def _lowrank_adam_kernel(
 def _adamw_kernel(
     g_ptr, w_ptr, m_ptr, v_ptr, table_ptr, blocks_ptr,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps, alpha, decay,
+    lr_ptr, step_ptr, lr_value, bias_correction, log2_beta1, log2_beta2, scale, weight_decay,
     INTERPRET: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
+    HYPER: tl.constexpr, LR_PTR: tl.constexpr, STEP_PTR: tl.constexpr, CORRECT_BIAS: tl.constexpr,
 ):
     """Multi-tensor AdamW: program b updates block ``blocks[b] = (tensor t, first element, numel of
     t)`` of tensor t, whose four pointers are offset through the group table (columns G, W, M, V).
@@ -79,6 +84,8 @@ def _adamw_kernel(
     w_ptr += group_offset(table_ptr, t, 1, 4, ALIGN) + start
     m_ptr += group_offset(table_ptr, t, 2, 4, ALIGN) + start
     v_ptr += group_offset(table_ptr, t, 3, 4, ALIGN) + start
+    alpha, decay = update_scalars(alpha, decay, lr_ptr, step_ptr, lr_value, bias_correction, log2_beta1,
+                                  log2_beta2, scale, weight_decay, HYPER, LR_PTR, STEP_PTR, CORRECT_BIAS)
     offs = tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
         g = tl.load(g_ptr + offs).to(tl.float32)
@@ -173,7 +180,7 @@ def lowrank_adam_(R: torch.Tensor, M: torch.Tensor, V: torch.Tensor, *, beta1: f
         return out
     (r, m, v, n), copies, flat = _views((R, M, V, out), (False, True, True, True))
     cfg = elementwise_config(current_target(R.device))
-    grid = (triton.cdiv(numel, cfg["BLOCK"]),)
+    grid = (cdiv(numel, cfg["BLOCK"]),)
     with device_guard(R):
         launch(
             _lowrank_adam_kernel, grid,
@@ -196,10 +203,12 @@ def adamw_(W: torch.Tensor, G: torch.Tensor, M: torch.Tensor, V: torch.Tensor, *
 
 
 def adamw_multi_(Ws, Gs, Ms, Vs, *, step_size: float, lr: float, beta1: float, beta2: float,
-                 eps: float, weight_decay: float) -> None:
+                 eps: float, weight_decay: float, device_hyper=None) -> None:
     """``adamw_`` for many tensors (any shapes; one W dtype, one G dtype) in one launch.
 
     A tensor that is not contiguous is updated through a contiguous copy written back afterwards.
+    ``device_hyper`` (a ``DeviceHyper``): the step size comes from the learning rate and step count it
+    points to (``step_size`` and ``lr`` are then ignored).
     """
     count = len(Ws)
     check(count > 0 and len(Gs) == count and len(Ms) == count and len(Vs) == count,
@@ -240,13 +249,19 @@ def adamw_multi_(Ws, Gs, Ms, Vs, *, step_size: float, lr: float, beta1: float, b
     blocks = _block_table(numels, cfg["BLOCK"], device)
     if any(n % align for n in numels):
         align = 1
-    decay = -lr * weight_decay if weight_decay > 0.0 else 0.0
+    if device_hyper is not None:
+        alpha = decay = 0.0
+        hyper_args, hyper_flags = device_hyper.kernel_args(table)
+    else:
+        alpha, decay = -step_size, (-lr * weight_decay if weight_decay > 0.0 else 0.0)
+        hyper_args, hyper_flags = host_hyper_args(table)
     with device_guard(Ws[0]):
         launch(
             _adamw_kernel, (blocks.shape[0],),
             cols[0][0], cols[1][0], cols[2][0], cols[3][0], table, blocks,
             float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps),
-            float(-step_size), float(decay),
+            float(alpha), float(decay), *hyper_args,
             INTERPRET=target.interpret, ALIGN=align, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
+            HYPER=device_hyper is not None, **hyper_flags,
         )
     _write_back(copies)

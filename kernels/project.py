@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    cdiv,
     check,
     check_dtype,
     check_fp32_state,
@@ -208,7 +209,7 @@ def launch_group(Gs, Ps, side, epilogue, outs, *, Ms=None, Vs=None, Vsums=None,
     target = current_target(Gs[0].device)
     cfg = project_config(Mo, No, K, A.element_size(), B.element_size(), dot, target, count,
                          rank_dim=0 if side == "left" else 1, heavy_epilogue=epilogue != STORE)
-    grid = (triton.cdiv(Mo, cfg["BLOCK_M"]) * triton.cdiv(No, cfg["BLOCK_N"]), count)
+    grid = (cdiv(Mo, cfg["BLOCK_M"]) * cdiv(No, cfg["BLOCK_N"]), count)
     with device_guard(Gs[0]):
         launch(
             _project_kernel, grid,

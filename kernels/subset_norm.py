@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_dtype, check_fp32_state, check_same_device, device_guard, launch
+from ._common import cdiv, check, check_dtype, check_fp32_state, check_same_device, device_guard, launch
 
 
 @triton.jit
@@ -73,7 +73,7 @@ def subset_norm_(G: torch.Tensor, V: torch.Tensor, *, beta2: float) -> torch.Ten
     if C == 0:
         return V.mul_(beta2)  # an empty sum
     cfg = _config(s_gc == 1)
-    grid = (triton.cdiv(R, cfg["BLOCK_R"]),)
+    grid = (cdiv(R, cfg["BLOCK_R"]),)
     with device_guard(G):
         launch(
             _subset_norm_kernel, grid,

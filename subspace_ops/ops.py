@@ -214,10 +214,12 @@ def _check_step_basis(basis: Basis, side: str) -> None:
 WORKSPACE_CAP_BYTES = 256 * 2**20
 
 
-def _layout(W, *tensors) -> tuple:
+def _layout(W, G, P, M, V) -> tuple:
     """What one grouped launch needs its matrices to share (kernels/_common.py check_group): shapes,
-    strides and dtypes, and the device (every tensor of a matrix must be on its weight's)."""
-    return (W.device, W.shape, W.stride(), W.dtype) + tuple((t.shape, t.stride(), t.dtype) for t in tensors)
+    strides and dtypes, and the device (every tensor of a matrix must be on its weight's). Written
+    out, not looped: this runs once per matrix per step (host cost)."""
+    return (W.device, W.shape, W.stride(), W.dtype, G.shape, G.stride(), G.dtype, P.shape, P.stride(), P.dtype,
+            M.shape, M.stride(), M.dtype, V.shape, V.stride(), V.dtype)
 
 
 def _chunks(count: int, keys, bytes_per_matrix: int):
@@ -243,6 +245,32 @@ def _back_project_group(*args, **kwargs):
     return _kback.launch_group(*args, same_layout=True, **kwargs)
 
 
+def _host_step_size(step_size, lr, step, bias_correction, beta1, beta2, correct_bias) -> tuple:
+    """(step_size, lr) as host floats, for the reference path (reads device values: a sync)."""
+    if step_size is not None and not isinstance(lr, Tensor) and step is None:
+        return step_size, lr
+    lr_f = float(lr)
+    if step is not None:
+        return reference.adam_step_size(lr_f, beta1, beta2, int(round(float(step))), correct_bias), lr_f
+    return lr_f * bias_correction, lr_f
+
+
+def _device_hyper(step_size, lr, step, bias_correction, beta1, beta2, correct_bias, scale, weight_decay):
+    """A kernels DeviceHyper when the learning rate or the step count lives in a tensor (capturable
+    steps, a scheduler's tensor lr: no host sync), else None (host scalars)."""
+    if step is None and not isinstance(lr, Tensor):
+        return None
+    from .kernels._common import DeviceHyper
+
+    if step is None and bias_correction is None:
+        raise ValueError("a tensor lr needs bias_correction (the host's sqrt(1-b2^t)/(1-b1^t)) or a step tensor")
+    tensor_lr = isinstance(lr, Tensor)
+    return DeviceHyper(lr=lr if tensor_lr else None, step=step, lr_value=0.0 if tensor_lr else float(lr),
+                       bias_correction=1.0 if bias_correction is None else bias_correction, beta1=beta1,
+                       beta2=beta2, correct_bias=correct_bias, scale=scale,
+                       weight_decay=weight_decay if weight_decay > 0.0 else 0.0)
+
+
 def _pick(seq, idx):
     from .kernels._common import Column  # a list that computes its data pointers once
 
@@ -265,27 +293,37 @@ def galore_matrices_step_(
     *,
     backend: Optional[str] = None,
     side: str,
-    step_size: float,
+    step_size: Optional[float],
     scale: float,
-    lr: float,
+    lr: Union[float, Tensor],
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
+    step: Optional[Tensor] = None,
+    bias_correction: Optional[float] = None,
+    correct_bias: bool = True,
 ) -> None:
     """``galore_matrix_step_`` for a list of matrices sharing one side and hyperparameters.
 
     Triton: the matrices of one layout (shape, strides, dtypes) take each stage in one launch, so a
     model's step costs a few launches per distinct shape instead of two per matrix. The result is
     bit-identical to one call per matrix (the same kernels; the group only offsets the pointers).
+
+    Step size: ``step_size`` (host float, ``lr·c_t``) normally. When ``lr`` is a tensor on the
+    device (pass ``bias_correction`` = the host's ``c_t = sqrt(1-β2^t)/(1-β1^t)``) or ``step`` is
+    a device tensor holding this step's count (capturable), ``step_size`` may be None: the kernels
+    read those values from device memory (``kernels._common.DeviceHyper``), with no host sync. The
+    reference path reads them on the host.
     """
     for b in bases:
         _check_step_basis(b, side)
     hyper = dict(beta1=beta1, beta2=beta2, eps=eps)
-    update = dict(step_size=step_size, scale=scale, lr=lr, weight_decay=weight_decay)
     if not Ws:
         return
     if resolve_backend(backend, Ws[0]) == "reference":
+        step_size, lr = _host_step_size(step_size, lr, step, bias_correction, beta1, beta2, correct_bias)
+        update = dict(step_size=step_size, scale=scale, lr=lr, weight_decay=weight_decay)
         for W, G, basis, M, V in zip(Ws, Gs, bases, Ms, Vs):
             reference.galore_matrix_step_(W, G, basis, M, V, side=side, **update, **hyper)
         return
@@ -293,16 +331,20 @@ def galore_matrices_step_(
     from .kernels import project as _kproject
     from .kernels._common import workspace
 
-    alpha = -step_size * scale
-    decay = -lr * weight_decay if weight_decay > 0.0 else 0.0
+    dh = _device_hyper(step_size, lr, step, bias_correction, beta1, beta2, correct_bias, scale, weight_decay)
+    alpha = decay = 0.0
+    if dh is None:
+        alpha = -step_size * scale
+        decay = -lr * weight_decay if weight_decay > 0.0 else 0.0
     if side == "full":
         Pls, Prs = [b[0] for b in bases], [b[1] for b in bases]
-        keys = [_layout(W, G, Pl, Pr, M, V) for W, G, Pl, Pr, M, V in zip(Ws, Gs, Pls, Prs, Ms, Vs)]
+        keys = [_layout(W, G, Pl, M, V) + (Pr.shape, Pr.stride(), Pr.dtype)
+                for W, G, Pl, Pr, M, V in zip(Ws, Gs, Pls, Prs, Ms, Vs)]
         m, n = Ws[0].shape
         r1, r2 = Pls[0].shape[1], Prs[0].shape[1]
         per = 4 * (r1 * n + r1 * r2) + Prs[0].element_size() * m * r2
         for idx in _chunks(len(Ws), keys, per):
-            W0, Pl0, Pr0 = Ws[idx[0]], Pls[idx[0]], Prs[idx[0]]
+            W0, Pr0 = Ws[idx[0]], Prs[idx[0]]
             dev = W0.device
             Ts = workspace("galore.T", len(idx), (r1, n), torch.float32, dev)
             Ns = workspace("galore.N_full", len(idx), (r1, r2), torch.float32, dev)
@@ -312,7 +354,7 @@ def galore_matrices_step_(
                                    Ms=_pick(Ms, idx), Vs=_pick(Vs, idx), **hyper)
             _back_project_group(Ns, _pick(Pls, idx), "left", Ys, 0.0, 0.0, _kback.STORE, None)
             _back_project_group(Ys, _pick(Prs, idx), "right", _pick(Ws, idx), alpha, decay, _kback.UPDATE,
-                                Pr0.dtype)
+                                Pr0.dtype, device_hyper=dh)
         return
     keys = [_layout(W, G, P, M, V) for W, G, P, M, V in zip(Ws, Gs, bases, Ms, Vs)]
     low = tuple(Ms[0].shape)
@@ -323,7 +365,7 @@ def galore_matrices_step_(
         Ps = _pick(bases, idx)
         _project_group(_pick(Gs, idx), Ps, side, _kproject.ADAM, Ns,
                                Ms=_pick(Ms, idx), Vs=_pick(Vs, idx), **hyper)
-        _back_project_group(Ns, Ps, side, _pick(Ws, idx), alpha, decay, _kback.UPDATE, P0.dtype)
+        _back_project_group(Ns, Ps, side, _pick(Ws, idx), alpha, decay, _kback.UPDATE, P0.dtype, device_hyper=dh)
 
 
 def galore_matrix_step_(
@@ -335,13 +377,16 @@ def galore_matrix_step_(
     *,
     backend: Optional[str] = None,
     side: str,
-    step_size: float,
+    step_size: Optional[float],
     scale: float,
-    lr: float,
+    lr: Union[float, Tensor],
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
+    step: Optional[Tensor] = None,
+    bias_correction: Optional[float] = None,
+    correct_bias: bool = True,
 ) -> None:
     """One GaLore AdamW update of a 2-D weight ``W`` (in place) and its fp32 moments ``M``, ``V``
     (see ``reference.galore_matrix_step_``).
@@ -357,7 +402,8 @@ def galore_matrix_step_(
     """
     _check_step_basis(basis, side)
     galore_matrices_step_([W], [G], [basis], [M], [V], backend=backend, side=side, step_size=step_size,
-                          scale=scale, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+                          scale=scale, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                          step=step, bias_correction=bias_correction, correct_bias=correct_bias)
 
 
 def snsm_matrices_step_(
@@ -369,21 +415,25 @@ def snsm_matrices_step_(
     *,
     backend: Optional[str] = None,
     side: str,
-    step_size: float,
-    lr: float,
+    step_size: Optional[float],
+    lr: Union[float, Tensor],
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
+    step: Optional[Tensor] = None,
+    bias_correction: Optional[float] = None,
+    correct_bias: bool = True,
 ) -> None:
     """``snsm_matrix_step_`` for a list of matrices sharing one side and hyperparameters (grouped
     launches as in ``galore_matrices_step_``)."""
     for b in bases:
         _check_step_basis(b, side)
-    hyper = dict(step_size=step_size, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     if not Ws:
         return
     if resolve_backend(backend, Ws[0]) == "reference":
+        step_size, lr = _host_step_size(step_size, lr, step, bias_correction, beta1, beta2, correct_bias)
+        hyper = dict(step_size=step_size, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
         for W, G, basis, M, V in zip(Ws, Gs, bases, Ms, Vs):
             reference.snsm_matrix_step_(W, G, basis, M, V, side=side, **hyper)
         return
@@ -392,12 +442,16 @@ def snsm_matrices_step_(
     from .kernels import subset_norm as _ksn
     from .kernels._common import workspace
 
-    alpha = -step_size
-    decay = -lr * weight_decay if weight_decay > 0.0 else 0.0
+    dh = _device_hyper(step_size, lr, step, bias_correction, beta1, beta2, correct_bias, 1.0, weight_decay)
+    alpha = decay = 0.0
+    if dh is None:
+        alpha = -step_size
+        decay = -lr * weight_decay if weight_decay > 0.0 else 0.0
     m, n = Ws[0].shape
     if side == "full":
         Pls, Prs = [b[0] for b in bases], [b[1] for b in bases]
-        keys = [_layout(W, G, Pl, Pr, M, V) for W, G, Pl, Pr, M, V in zip(Ws, Gs, Pls, Prs, Ms, Vs)]
+        keys = [_layout(W, G, Pl, M, V) + (Pr.shape, Pr.stride(), Pr.dtype)
+                for W, G, Pl, Pr, M, V in zip(Ws, Gs, Pls, Prs, Ms, Vs)]
         r1, r2 = Pls[0].shape[1], Prs[0].shape[1]
         per = 4 * (r1 * n + r1 * r2) + Prs[0].element_size() * m * r2
         for idx in _chunks(len(Ws), keys, per):
@@ -413,7 +467,7 @@ def snsm_matrices_step_(
                                    beta1=beta1)
             _back_project_group(Ds, _pick(Pls, idx), "left", Ys, 0.0, 0.0, _kback.STORE, None)
             _back_project_group(Ys, _pick(Prs, idx), "right", _pick(Ws, idx), alpha, decay, _kback.SNSM_UPDATE,
-                                Pr0.dtype, Gs=_pick(Gs, idx), Vs=_pick(Vs, idx), eps=eps)
+                                Pr0.dtype, Gs=_pick(Gs, idx), Vs=_pick(Vs, idx), eps=eps, device_hyper=dh)
         return
     keys = [_layout(W, G, P, M, V) for W, G, P, M, V in zip(Ws, Gs, bases, Ms, Vs)]
     low = tuple(Ms[0].shape)
@@ -429,7 +483,7 @@ def snsm_matrices_step_(
         _project_group(Gi, Ps, side, _kproject.MOMENTUM, Ds, Ms=_pick(Ms, idx),
                                Vsums=Vi if fused_v else None, beta1=beta1, beta2=beta2)
         _back_project_group(Ds, Ps, side, _pick(Ws, idx), alpha, decay, _kback.SNSM_UPDATE, P0.dtype,
-                            Gs=Gi, Vs=Vi, eps=eps)
+                            Gs=Gi, Vs=Vi, eps=eps, device_hyper=dh)
 
 
 def snsm_matrix_step_(
@@ -441,12 +495,15 @@ def snsm_matrix_step_(
     *,
     backend: Optional[str] = None,
     side: str,
-    step_size: float,
-    lr: float,
+    step_size: Optional[float],
+    lr: Union[float, Tensor],
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
+    step: Optional[Tensor] = None,
+    bias_correction: Optional[float] = None,
+    correct_bias: bool = True,
 ) -> None:
     """One Subset-Norm + Subspace-Momentum update of a 2-D weight ``W`` (in place), its fp32
     momentum ``M`` (low-rank shape) and Subset-Norm accumulator ``V`` ((m, 1) or (1, n)); see
@@ -465,7 +522,8 @@ def snsm_matrix_step_(
     """
     _check_step_basis(basis, side)
     snsm_matrices_step_([W], [G], [basis], [M], [V], backend=backend, side=side, step_size=step_size, lr=lr,
-                        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+                        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                        step=step, bias_correction=bias_correction, correct_bias=correct_bias)
 
 
 def adam_steps_(
@@ -475,23 +533,30 @@ def adam_steps_(
     Vs,
     *,
     backend: Optional[str] = None,
-    step_size: float,
-    lr: float,
+    step_size: Optional[float],
+    lr: Union[float, Tensor],
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
+    step: Optional[Tensor] = None,
+    bias_correction: Optional[float] = None,
+    correct_bias: bool = True,
 ) -> None:
     """``adam_step_`` for many tensors; Triton: one multi-tensor launch per (W dtype, G dtype)."""
-    hyper = dict(step_size=step_size, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     if not Ws:
         return
     if resolve_backend(backend, Ws[0]) == "reference":
+        step_size, lr = _host_step_size(step_size, lr, step, bias_correction, beta1, beta2, correct_bias)
+        hyper = dict(step_size=step_size, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
         for W, G, M, V in zip(Ws, Gs, Ms, Vs):
             reference.adam_step_(W, G, M, V, **hyper)
         return
     from .kernels import lowrank_adam as _kadam
 
+    dh = _device_hyper(step_size, lr, step, bias_correction, beta1, beta2, correct_bias, 1.0, weight_decay)
+    hyper = dict(step_size=step_size if dh is None else 0.0, lr=lr if dh is None else 0.0, beta1=beta1,
+                 beta2=beta2, eps=eps, weight_decay=weight_decay, device_hyper=dh)
     by_dtype: dict = {}
     for i, (W, G) in enumerate(zip(Ws, Gs)):
         by_dtype.setdefault((W.dtype, G.dtype, W.device), []).append(i)
@@ -506,16 +571,20 @@ def adam_step_(
     V: Tensor,
     *,
     backend: Optional[str] = None,
-    step_size: float,
-    lr: float,
+    step_size: Optional[float],
+    lr: Union[float, Tensor],
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
+    step: Optional[Tensor] = None,
+    bias_correction: Optional[float] = None,
+    correct_bias: bool = True,
 ) -> None:
     """One plain AdamW update (see ``reference.adam_step_``); Triton: one fused elementwise pass."""
     adam_steps_([W], [G], [M], [V], backend=backend, step_size=step_size, lr=lr, beta1=beta1, beta2=beta2,
-                eps=eps, weight_decay=weight_decay)
+                eps=eps, weight_decay=weight_decay, step=step, bias_correction=bias_correction,
+                correct_bias=correct_bias)
 
 
 def lowrank_adam_(R: Tensor, M: Tensor, V: Tensor, *, backend: Optional[str] = None, beta1: float,

@@ -72,8 +72,10 @@ class AdamSNSM(SubspaceOptimizer):
         correct_bias: bool = True,
         *,
         backend: Optional[str] = None,
+        capturable: bool = False,
     ):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                        capturable=capturable)
         super().__init__(params, defaults, backend=backend)
 
     def _init_lowrank_state(self, state: dict, p: Tensor, side: str, m: int, n: int, rank: int) -> None:

@@ -60,6 +60,9 @@ def validate_hyperparameters(group: dict) -> None:
             _check_number(f"betas[{i}]", b, 0.0 <= b < 1.0, "each beta must be in [0, 1)")
     if eps is not None:
         _check_number("eps", eps, eps >= 0.0, "eps must be >= 0")
+    capturable = group.get("capturable", False)
+    if not isinstance(capturable, bool):
+        raise ValueError(f"invalid capturable: {capturable!r}; must be True or False")
     wd = group.get("weight_decay")
     if wd is not None:
         _check_number("weight_decay", wd, wd >= 0.0, "weight_decay must be >= 0")
@@ -124,6 +127,8 @@ class SubspaceOptimizer(Optimizer):
         ops.validate_backend(backend)
         self.backend = backend
         self._warned_refresh = False
+        # Host copies of capturable groups' step counters: id(param) -> (param, completed steps).
+        self._host_steps: dict = {}
         # Diagnostics per parameter index (tensors only); see subspace_stats().
         self._stats: dict = {}
         validate_hyperparameters(defaults)
@@ -155,6 +160,7 @@ class SubspaceOptimizer(Optimizer):
         ``refresh_offset`` or ``basis_step`` to bf16 (exact only up to 256), changing the trajectory
         after a resume.
         """
+        self._host_steps.clear()
         saved = state_dict["state"]
         stats = state_dict.get(STATS_KEY, {})
         ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
@@ -185,6 +191,7 @@ class SubspaceOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sync_host_steps()
         c = _Collected()
         index = 0
         for group in self.param_groups:
@@ -208,6 +215,13 @@ class SubspaceOptimizer(Optimizer):
             fn()
         return loss
 
+    @staticmethod
+    def _new_step(p: Tensor, group: dict) -> Tensor:
+        """The step counter: on the CPU, or on the parameter's device for a capturable group (read by
+        the kernels; torch.optim's load_state_dict keeps it there for groups with 'capturable')."""
+        device = p.device if group.get("capturable", False) else "cpu"
+        return torch.zeros((), dtype=torch.float32, device=device)
+
     def _check_grad(self, p: Tensor, group: dict, index: int) -> None:
         name = type(self).__name__
         if p.grad.is_sparse:
@@ -221,26 +235,68 @@ class SubspaceOptimizer(Optimizer):
                 "group does not support; put it in a group without 'rank'"
             )
 
-    def _hyper(self, group: dict, state: dict, c: "_Collected") -> tuple:
+    def _hyper(self, group: dict, state: dict, c: "_Collected", p: Tensor, s: Optional[int] = None) -> tuple:
         """(step count after this step, the hyperparameters of the update). The step count itself is
-        advanced once for all parameters at the end of the collection (``step``)."""
-        t = int(state["step"].item()) + 1
-        c.steps.append(state["step"])
+        advanced once for all parameters at the end of the collection (``step``).
+
+        The step size is a host float unless the learning rate is a tensor on an accelerator or the
+        group is ``capturable``: the kernels then read the learning rate (and, capturable, the step
+        count) from device memory, so the step neither syncs the host nor bakes values into a CUDA
+        graph."""
+        step_t = state["step"]
+        capturable = group.get("capturable", False)
+        if s is None:
+            s = self._host_step(p, step_t) if capturable else int(step_t.item())
+        t = s + 1
+        if capturable:
+            self._host_steps[id(p)] = (p, t)
+        c.steps.append(step_t)
         key = (id(group), t)
         hyper = c.hyper.get(key)
         if hyper is None:
             beta1, beta2 = group["betas"]
             lr = group["lr"]
-            lr = float(lr) if not isinstance(lr, Tensor) else lr.item()
-            hyper = c.hyper[key] = dict(
-                step_size=reference.adam_step_size(lr, beta1, beta2, t, group["correct_bias"]),
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-            )
+            correct_bias = group["correct_bias"]
+            hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                         correct_bias=correct_bias)
+            device_lr = isinstance(lr, Tensor) and lr.device.type not in ("cpu", "meta")
+            if capturable:
+                hyper.update(step_size=None, lr=lr, step=step_t)
+            elif device_lr:
+                c_t = reference.adam_step_size(1.0, beta1, beta2, t, correct_bias)
+                hyper.update(step_size=None, lr=lr, bias_correction=c_t)
+            else:
+                lr = float(lr) if not isinstance(lr, Tensor) else lr.item()
+                hyper.update(step_size=reference.adam_step_size(lr, beta1, beta2, t, correct_bias), lr=lr)
+            c.hyper[key] = hyper
         return t, hyper
+
+    def _sync_host_steps(self) -> None:
+        """Capturable groups: outside a CUDA graph capture, read every device step counter (one copy)
+        into the host counts, so graph replays, which the host does not see, are counted too."""
+        if not any(g.get("capturable", False) for g in self.param_groups):
+            return
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return
+        params = [p for g in self.param_groups if g.get("capturable", False) for p in g["params"]
+                  if "step" in self.state.get(p, {})]
+        if not params:
+            return
+        by_device: dict = {}
+        for p in params:
+            by_device.setdefault(self.state[p]["step"].device, []).append(p)
+        for ps in by_device.values():
+            values = torch.stack([self.state[p]["step"] for p in ps]).cpu().tolist()  # one copy per device
+            for p, t in zip(ps, values):
+                self._host_steps[id(p)] = (p, int(round(t)))
+
+    def _host_step(self, p: Tensor, step_t: Tensor) -> int:
+        """Completed steps of ``p`` as the host counts them (capturable groups): the device counter is
+        read once (a sync), then counted on the host, so refreshes are scheduled without syncing."""
+        known = self._host_steps.get(id(p))
+        if known is None or known[0] is not p:
+            return int(step_t.item())
+        return known[1]
 
     def _collect_plain(self, p: Tensor, group: dict, c: "_Collected") -> None:
         W, G = p, p.grad
@@ -248,11 +304,12 @@ class SubspaceOptimizer(Optimizer):
             W, G = torch.view_as_real(p), torch.view_as_real(G)
         state = self.state[p]
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = self._new_step(p, group)
             state["exp_avg"] = torch.zeros(W.shape, dtype=torch.float32, device=p.device)
             state["exp_avg_sq"] = torch.zeros(W.shape, dtype=torch.float32, device=p.device)
-        _, hyper = self._hyper(group, state, c)
-        key = tuple(hyper.values())  # plain tensors of every group with equal settings: one launch
+        _, hyper = self._hyper(group, state, c, p)
+        key = tuple(map(id, hyper.values())) if group.get("capturable", False) else tuple(hyper.values())
+        # plain tensors of every group with equal settings: one launch
         batch = c.plain.get(key)
         if batch is None:
             batch = c.plain[key] = ([], [], [], [], hyper)
@@ -283,19 +340,19 @@ class SubspaceOptimizer(Optimizer):
         rank = effective_rank(group["rank"], m, n)
         state = self.state[p]
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = self._new_step(p, group)
             self._init_lowrank_state(state, p, side, m, n, rank)
             offset = index % group["update_proj_gap"] if group["stagger"] else 0
             state["refresh_offset"] = torch.tensor(offset, dtype=torch.int64)
 
         G = p.grad if p.dim() == 2 else p.grad.reshape(m, n)  # reshape costs ~1 µs of host time
-        s = int(state["step"].item())
+        s = self._host_step(p, state["step"]) if group.get("capturable", False) else int(state["step"].item())
         refreshed = False
         if self._refresh_due(state, group, s):
             refreshed = self._refresh(state, G, group, side, rank, index, s)
 
         basis = self._basis(state, group, side, G, index)
-        t, hyper = self._hyper(group, state, c)
+        t, hyper = self._hyper(group, state, c, p, s)
         # The weight itself or an in-place view; a non-contiguous weight is updated through a copy.
         if p.is_contiguous():
             W = p if p.dim() == 2 else p.view(m, n)

@@ -58,6 +58,14 @@ class GaLoreAdamW(SubspaceOptimizer):
 
     ``backend``: ``None`` / ``"auto"`` (fused Triton kernels for CUDA tensors, the reference path
     otherwise), ``"triton"`` or ``"reference"``; see ``subspace_ops.ops``.
+
+    ``capturable``: step counters live on the parameters' device and the fused kernels read the step
+    count and the learning rate (a float, or a tensor on the device that a scheduler updates) from
+    device memory, so ``step()`` can be captured in a CUDA graph and replayed. Basis refreshes are
+    host decisions (an SVD cannot be captured): they follow a host copy of the step count, which
+    counts ``step()`` calls, so run the steps on which a refresh is due (``update_proj_gap``) eagerly
+    and replay the graph in between. Without it, a learning rate in a CUDA tensor is still read by
+    the kernels, never synced to the host.
     """
 
     def __init__(
@@ -70,8 +78,10 @@ class GaLoreAdamW(SubspaceOptimizer):
         correct_bias: bool = True,
         *,
         backend: Optional[str] = None,
+        capturable: bool = False,
     ):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                        capturable=capturable)
         super().__init__(params, defaults, backend=backend)
 
     lowrank_defaults = LOWRANK_DEFAULTS
