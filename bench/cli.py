@@ -7,6 +7,7 @@ Usage::
                     [--ops step,refresh] [--providers reference,galore_torch] [--gap 200] [--rounds N]
                     [--threads N] [--time-budget S] [--target-only | --no-target]
     python -m bench --compile-only sm_90[,sm_80] [--json PATH] [--ptx-dir DIR] [--cases ci|before|LABELS]
+    python -m bench --op host_step [--quick | --smoke] [--layers N] [--profile STEPS] [--json PATH] [--md PATH]
 
 Modes (device defaults to cuda when available, else cpu):
 
@@ -17,6 +18,10 @@ Modes (device defaults to cuda when available, else cpu):
 
 ``--compile-only`` needs no GPU: it compiles every kernel variant for the target on this machine and
 reports its machine code (bench/codegen.py).
+
+``--op host_step`` needs no GPU either: the CPU time of ``opt.step()`` on the fused Triton path for a
+LLaMA-7B parameter set, kernels compiled for sm_90 and never launched, next to torch's AdamW on meta
+tensors (bench/host.py).
 
 The table goes to stdout as markdown with padded columns, followed by a ratios section computed from
 the same run; progress goes to stderr. ``--json`` writes the rows, ``--md`` the same report as stdout.
@@ -332,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", type=lambda s: [_parse_shape(x) for x in s.split(",")], help="e.g. 4096x4096,4096x11008")
     p.add_argument("--ranks", type=lambda s: _parse_list(s, int), help="e.g. 128,256,512")
     p.add_argument("--dtypes", type=_parse_list, help="from fp32, bf16, fp16")
-    p.add_argument("--ops", type=_parse_list, help=f"subset of {', '.join(cases.OPS)}")
+    p.add_argument("--ops", "--op", type=_parse_list,
+                   help=f"subset of {', '.join(cases.OPS)}; or host_step alone (bench/host.py: the host cost of "
+                        "opt.step() on the Triton path, kernels compiled for sm_90, not run; no GPU needed)")
     p.add_argument("--providers", type=_parse_list, help="only these providers (all ops)")
     p.add_argument("--gap", type=int, default=200, help="steps per refresh for step_amortized (default 200)")
     p.add_argument("--rounds", type=int, help="CPU: fixed number of timing rounds per group")
@@ -343,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-only", action="store_true",
                    help=f"only the target case {TARGET_LABEL} (bf16 and fp32 unless --dtypes)")
     p.add_argument("--no-target", action="store_true", help="every case except the target case (the rest of a run)")
+    h = p.add_argument_group("--op host_step (bench/host.py)")
+    h.add_argument("--layers", type=int, metavar="N",
+                   help="LLaMA-7B layers in the parameter set (default: 32; --quick 4, --smoke 1)")
+    h.add_argument("--profile", type=int, metavar="STEPS",
+                   help="also cProfile STEPS steady steps per provider and report the top functions")
     g = p.add_argument_group("static GPU codegen report, no GPU needed (bench/codegen.py)")
     g.add_argument("--compile-only", metavar="ARCHS",
                    help="compile every kernel variant for sm_90 and/or sm_80 (comma-separated), report "
@@ -366,6 +378,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return codegen.main(args, argv)
     if args.ptx_dir or args.cases or args.jobs:
         parser.error("--ptx-dir, --cases and --jobs go with --compile-only")
+    if args.ops and "host_step" in args.ops:
+        if args.ops != ["host_step"]:
+            parser.error("--op host_step runs alone (python -m bench --op host_step)")
+        from . import host  # needs no GPU: compiles for sm_90 on this machine, times the host path
+
+        return host.main(args, argv, parser)
+    if args.layers is not None or args.profile is not None:
+        parser.error("--layers and --profile go with --op host_step")
     if args.target_only and args.no_target:
         parser.error("--target-only and --no-target exclude each other")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
