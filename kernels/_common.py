@@ -211,7 +211,9 @@ def project_config(M: int, N: int, K: int, a_size: int, b_size: int, dot: int, t
         else:
             break
     bk, stages = _k_tile_and_stages(bm, bn, K, a_size, b_size, dot)
-    num_warps = 8 if bm * bn >= 128 * 64 else 4
+    num_warps = 8 if bm * bn >= 128 * 64 or (dot == 0 and bm * bn >= 64 * 64) else 4
+    if dot == 0:
+        stages = 2  # fp32 FMA products: 3 stages spill on sm_80 and, with the fused column sums, on sm_90
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=num_warps, num_stages=stages)
 
 
@@ -235,7 +237,7 @@ def back_project_config(M: int, N: int, K: int, a_size: int, b_size: int, dot: i
         else:
             bn //= 2
     bk, stages = _k_tile_and_stages(bm, bn, K, a_size, b_size, dot)
-    num_warps = 8 if bm * bn >= 128 * 64 else 4
+    num_warps = 8 if bm * bn >= 128 * 64 or (dot == 0 and bm * bn >= 64 * 64) else 4
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=num_warps, num_stages=stages)
 
 

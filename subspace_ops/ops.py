@@ -271,6 +271,20 @@ def _device_hyper(step_size, lr, step, bias_correction, beta1, beta2, correct_bi
                        weight_decay=weight_decay if weight_decay > 0.0 else 0.0)
 
 
+def _split_by_backend(backend, Ws):
+    """None when every tensor of the list resolves to one backend (the usual case), else
+    ``[(backend, indices), ...]``: with ``auto`` a float64 or CPU weight takes the reference while the
+    rest of its batch takes the kernels. Resolved once per (device, dtype)."""
+    seen, out = {}, {}
+    for i, W in enumerate(Ws):
+        key = (W.device, W.dtype)
+        be = seen.get(key)
+        if be is None:
+            be = seen[key] = resolve_backend(backend, W)
+        out.setdefault(be, []).append(i)
+    return None if len(out) <= 1 else list(out.items())
+
+
 def _pick(seq, idx):
     from .kernels._common import Column  # a list that computes its data pointers once
 
@@ -320,6 +334,13 @@ def galore_matrices_step_(
         _check_step_basis(b, side)
     hyper = dict(beta1=beta1, beta2=beta2, eps=eps)
     if not Ws:
+        return
+    split = _split_by_backend(backend, Ws)
+    if split is not None:
+        for be, idx in split:
+            galore_matrices_step_(*(list(_pick(x, idx)) for x in (Ws, Gs, bases, Ms, Vs)), backend=be, side=side,
+                                  step_size=step_size, scale=scale, lr=lr, weight_decay=weight_decay, step=step,
+                                  bias_correction=bias_correction, correct_bias=correct_bias, **hyper)
         return
     if resolve_backend(backend, Ws[0]) == "reference":
         step_size, lr = _host_step_size(step_size, lr, step, bias_correction, beta1, beta2, correct_bias)
@@ -431,6 +452,14 @@ def snsm_matrices_step_(
         _check_step_basis(b, side)
     if not Ws:
         return
+    split = _split_by_backend(backend, Ws)
+    if split is not None:
+        for be, idx in split:
+            snsm_matrices_step_(*(list(_pick(x, idx)) for x in (Ws, Gs, bases, Ms, Vs)), backend=be, side=side,
+                                step_size=step_size, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                weight_decay=weight_decay, step=step, bias_correction=bias_correction,
+                                correct_bias=correct_bias)
+        return
     if resolve_backend(backend, Ws[0]) == "reference":
         step_size, lr = _host_step_size(step_size, lr, step, bias_correction, beta1, beta2, correct_bias)
         hyper = dict(step_size=step_size, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
@@ -472,7 +501,9 @@ def snsm_matrices_step_(
     keys = [_layout(W, G, P, M, V) for W, G, P, M, V in zip(Ws, Gs, bases, Ms, Vs)]
     low = tuple(Ms[0].shape)
     per = bases[0].element_size() * low[0] * low[1]
-    fused_v = tuple(Vs[0].shape) == ((m, 1) if side == "right" else (1, n))
+    # The fused sum of squares for 16-bit gradients; fp32 ones take the standalone pass (fused into
+    # the fp32 FMA GEMM it spills registers on sm_80: python -m bench --compile-only sm_80).
+    fused_v = tuple(Vs[0].shape) == ((m, 1) if side == "right" else (1, n)) and Gs[0].dtype != torch.float32
     for idx in _chunks(len(Ws), keys, per):
         P0 = bases[idx[0]]
         Ds = workspace("snsm.D", len(idx), low, _product_dtype(P0), P0.device)
@@ -545,6 +576,13 @@ def adam_steps_(
 ) -> None:
     """``adam_step_`` for many tensors; Triton: one multi-tensor launch per (W dtype, G dtype)."""
     if not Ws:
+        return
+    split = _split_by_backend(backend, Ws)
+    if split is not None:
+        for be, idx in split:
+            adam_steps_(*(list(_pick(x, idx)) for x in (Ws, Gs, Ms, Vs)), backend=be, step_size=step_size, lr=lr,
+                        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+                        bias_correction=bias_correction, correct_bias=correct_bias)
         return
     if resolve_backend(backend, Ws[0]) == "reference":
         step_size, lr = _host_step_size(step_size, lr, step, bias_correction, beta1, beta2, correct_bias)

@@ -3,10 +3,13 @@
 * the toy 4-layer LLaMA step (28 matrices of 3 shapes, 11 plain tensors) launches at most 10 kernels;
 * a grouped step is bit-identical to per-matrix steps (the same kernels, pointers offset by a table).
 """
+import functools
+
 import pytest
 import torch
 
 from subspace_ops import AdamSNSM, GaLoreAdamW, kernels, ops
+from _numerics import seeded_grads
 
 pytest.importorskip("triton")
 needs_interpreter = pytest.mark.skipif(not kernels.interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")
@@ -28,10 +31,7 @@ def toy_llama(d=32, f=88, layers=4, vocab=50, dtype=torch.bfloat16, seed=0):
     return matrices, plain
 
 
-def _grads(params, step):
-    g = torch.Generator().manual_seed(100 + step)
-    for q in params:
-        q.grad = torch.randn(q.shape, generator=g).to(q.dtype)
+_grads = functools.partial(seeded_grads, seed=100)
 
 
 @pytest.mark.parametrize("cls", [GaLoreAdamW, AdamSNSM], ids=lambda c: c.__name__)
@@ -92,3 +92,29 @@ def test_grouped_step_is_bit_identical_to_per_matrix_steps(algo, dtype):
     for a, b in zip(one, grouped):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+@needs_interpreter
+def test_a_batch_whose_tensors_resolve_to_different_backends_is_split(monkeypatch):
+    """Plain parameters of equal settings share a batch whatever their dtype; under ``auto`` on a GPU
+    a float64 one takes the reference while the others take the kernels (emulated here)."""
+    real = ops.resolve_backend
+
+    def auto_like(backend, like):
+        return "reference" if like.dtype == torch.float64 else real("triton", like)
+
+    monkeypatch.setattr(ops, "resolve_backend", auto_like)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(9, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g).double()),
+              torch.nn.Parameter(torch.randn(7, generator=g))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = GaLoreAdamW(params, lr=0.1, weight_decay=0.1)
+    ref = GaLoreAdamW(twins, lr=0.1, weight_decay=0.1, backend="reference")
+    for p, q in zip(params, twins):
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    for p, q in zip(params, twins):
+        assert p.dtype == q.dtype
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
