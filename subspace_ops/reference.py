@@ -39,22 +39,31 @@ def back_project(R: Tensor, P: Tensor, side: str) -> Tensor:
     return P @ R if side == "left" else R @ P.mT
 
 
+def wide(x: Tensor) -> Tensor:
+    """The dtype the reference computes in: fp32 for fp32/fp16/bf16, float64 for float64 (a float64
+    model stays float64 end to end; its low-rank moments are still fp32 state)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def project_any(G: Tensor, basis: Basis, side: str) -> Tensor:
-    """Projection for every side the optimizers use, ``"full"`` included, computed in fp32."""
-    G32 = G.float()
+    """Projection for every side the optimizers use, ``"full"`` included, computed in fp32 (float64
+    for float64 gradients)."""
+    G32 = wide(G)
     if side == "full":
         Pl, Pr = basis
-        return Pl.float().mT @ G32 @ Pr.float()
-    return project(G32, basis.float(), side)
+        return Pl.to(G32.dtype).mT @ G32 @ Pr.to(G32.dtype)
+    return project(G32, basis.to(G32.dtype), side)
 
 
 def back_project_any(N: Tensor, basis: Basis, side: str) -> Tensor:
-    """Back-projection for every side, ``"full"`` included, computed in fp32."""
-    N32 = N.float()
+    """Back-projection for every side, ``"full"`` included, computed in fp32 (float64 when the
+    basis is float64)."""
+    dtype = torch.float64 if (basis[0] if side == "full" else basis).dtype == torch.float64 else torch.float32
+    N32 = N.to(dtype)
     if side == "full":
         Pl, Pr = basis
-        return Pl.float() @ N32 @ Pr.float().mT
-    return back_project(N32, basis.float(), side)
+        return Pl.to(dtype) @ N32 @ Pr.to(dtype).mT
+    return back_project(N32, basis.to(dtype), side)
 
 
 def adam_step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: bool = True) -> float:
@@ -69,7 +78,7 @@ def lowrank_adam_(R: Tensor, M: Tensor, V: Tensor, beta1: float, beta2: float, e
 
     The bias correction is not applied here: it is folded into the step size (docs/algorithms.md §1).
     """
-    R32 = R.float()
+    R32 = wide(R)
     M.mul_(beta1).add_(R32, alpha=1.0 - beta1)
     V.mul_(beta2).addcmul_(R32, R32, value=1.0 - beta2)
     return M / (V.sqrt() + eps)
@@ -78,10 +87,10 @@ def lowrank_adam_(R: Tensor, M: Tensor, V: Tensor, beta1: float, beta2: float, e
 def apply_update_(W: Tensor, D: Tensor, step_size: float, scale: float, lr: float, weight_decay: float) -> None:
     """``W ← W − step·α·D``, then ``W ← W − lr·wd·W`` (decay of the updated weight, galore order).
 
-    Computed in fp32 and rounded once into ``W``'s dtype.
+    Computed in fp32 (float64 for a float64 W) and rounded once into ``W``'s dtype.
     """
-    W32 = W.float()  # W itself when W is fp32, so the update is in place
-    W32.add_(D.float(), alpha=-step_size * scale)
+    W32 = wide(W)  # W itself when W is fp32 or float64, so the update is in place
+    W32.add_(D.to(W32.dtype), alpha=-step_size * scale)
     if weight_decay > 0.0:
         W32.add_(W32, alpha=-lr * weight_decay)
     if W32 is not W:
@@ -209,7 +218,7 @@ def snsm_matrix_step_(
     ``W ← W − step_size · (back(M) + G − back(project(G))) / (sqrt(V) + ε)``, then the decoupled weight
     decay of GaLore (``W ← W − lr·wd·W``). ``step_size`` is ``adam_step_size(...)``: ``lr·c_t``.
     """
-    G32 = G.float()
+    G32 = wide(G)
     R = project_any(G32, basis, side)
     M.mul_(beta1).add_(R, alpha=1.0 - beta1)
     reduce_dim = 1 if V.shape[1] == 1 and V.shape[0] == G32.shape[0] else 0

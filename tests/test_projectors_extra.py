@@ -1,10 +1,12 @@
 """Projectors online_pca (§3), gaussian and srht (§5), moment transport (§6), checkpoints of each
 (sections of docs/algorithms.md)."""
-import io
+import functools
 import math
 
 import pytest
 import torch
+
+from subspace_ops import projectors
 
 import subspace_ops.optim.base as base_mod
 from subspace_ops import GaLoreAdamW, reference
@@ -26,12 +28,9 @@ from subspace_ops.projectors import (
     srht_rows,
     svd_basis,
 )
+from _numerics import assert_states_equal, rel_err, roundtrip, seeded_grads
 
 NEW_PROJECTORS = ("online_pca", "gaussian", "srht")
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def sylvester(d):
@@ -97,7 +96,7 @@ def test_srht_hadamard_is_applied_along_the_projected_axis(side):
     else:  # project(G) = G (S H D)ᵀ: along the rows of G
         want = hadamard_transform(G * signs[None, :], 1)[:, chosen]
     got = reference.project(G, P, side)
-    assert rel(got, want.double()) < 1e-6
+    assert rel_err(got, want.double()) < 1e-6
 
 
 @pytest.mark.parametrize("rows,rank", [(9, 3), (9, 8), (9, 9), (100, 17), (33, 33)])
@@ -141,7 +140,7 @@ def test_seeded_basis_rejects_unknown_projector():
 
 
 def test_compute_basis_rejects_unknown_projector():
-    with pytest.raises(ValueError, match="unknown projector"):
+    with pytest.raises(ValueError, match="invalid projector"):
         compute_basis(torch.randn(4, 4), 2, "left", "nope")
 
 
@@ -158,17 +157,17 @@ def test_online_pca_closed_form_gradient_matches_autograd(side, orthonormal):
     P.requires_grad_(True)
     online_pca_loss(G, P, side).backward()
     got = online_pca_grad(G.float(), P.detach().float(), side).double()
-    assert rel(got, P.grad) < 1e-5
+    assert rel_err(got, P.grad) < 1e-5
     # float64 all the way: the formula itself is exact
     Gh = (G if side == "left" else G.mT) / G.norm()
     Pd = P.detach()
     A = Pd.mT @ Gh
     eye = torch.eye(4, dtype=torch.float64)
     exact = 2 * (Pd @ (A @ A.mT) + (Gh @ A.mT) @ (Pd.mT @ Pd - 2 * eye))
-    assert rel(exact, P.grad) < 1e-12
+    assert rel_err(exact, P.grad) < 1e-12
     if orthonormal:  # Oja's subspace rule: -½∇ = (I − P Pᵀ) Ĝ Ĝᵀ P
         oja = (torch.eye(rows, dtype=torch.float64) - Pd @ Pd.mT) @ Gh @ Gh.mT @ Pd
-        assert rel(-0.5 * exact, oja) < 1e-10
+        assert rel_err(-0.5 * exact, oja) < 1e-10
 
 
 def test_online_pca_gradient_vanishes_at_the_top_subspace():
@@ -239,27 +238,7 @@ def _make(projector, proj_type="std", transport=False, dtype=torch.float32, gap=
     return [W, C, b], opt
 
 
-def _grads(params, step):
-    gen = torch.Generator().manual_seed(100 + step)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
-
-
-def _roundtrip(opt):
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
-def _states_equal(opt_a, pa, opt_b, pb):
-    for x, y in zip(pa, pb):
-        assert torch.equal(x, y)
-        sa, sb = opt_a.state[x], opt_b.state[y]
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            assert sa[k].dtype == sb[k].dtype, k
-            assert torch.equal(sa[k], sb[k]), k
+_grads = functools.partial(seeded_grads, seed=100)
 
 
 @pytest.mark.parametrize("projector", NEW_PROJECTORS)
@@ -274,7 +253,7 @@ def test_state_dict_roundtrip_mid_run_is_bit_exact(projector, transport, proj_ty
     for s in range(4):
         _grads(params_b, s)
         opt_b.step()
-    saved = _roundtrip(opt_b)
+    saved = roundtrip(opt_b)
     params_c, opt_c = _make(projector, proj_type, transport, dtype)  # fresh process stand-in
     with torch.no_grad():
         for x, y in zip(params_c, params_b):
@@ -283,9 +262,9 @@ def test_state_dict_roundtrip_mid_run_is_bit_exact(projector, transport, proj_ty
     for s in range(4, 8):
         _grads(params_c, s)
         opt_c.step()
-    _states_equal(opt_a, params_a, opt_c, params_c)
+    assert_states_equal(opt_a, params_a, opt_c, params_c)
     for p in params_c:  # fp32 moments stay fp32 after a load with 16-bit params
-        for k in base_mod.FP32_STATE:
+        for k in base_mod.FP32_STATE + projectors.get("online_pca").fp32_state:
             if k in opt_c.state[p]:
                 assert opt_c.state[p][k].dtype == torch.float32
 
@@ -303,12 +282,12 @@ def test_seeded_projection_is_not_stored_and_resampled_every_gap(projector):
         seen.append(int(st["basis_step"]))
     assert seen == [0, 0, 0, 3, 3, 3, 6]
     # Regenerated from (group seed, parameter index, refresh step): another group seed, other bases.
-    b0 = opt._basis(opt.state[W], opt.param_groups[0], "right", W.grad, 0)
+    b0 = opt._basis(projectors.get(projector), opt.state[W], opt.param_groups[0], "right", W.grad, 0)
     params2, opt2 = _make(projector, gap=3, seed=1)
     for s in range(7):
         _grads(params2, s)
         opt2.step()
-    b1 = opt2._basis(opt2.state[params2[0]], opt2.param_groups[0], "right", params2[0].grad, 0)
+    b1 = opt2._basis(projectors.get(projector), opt2.state[params2[0]], opt2.param_groups[0], "right", params2[0].grad, 0)
     assert b0.shape == b1.shape == (11, 3) and not torch.equal(b0, b1)
 
 
@@ -418,7 +397,7 @@ def test_transport_to_the_same_subspace_leaves_the_update_unchanged(side):
         G = torch.randn(m, n, dtype=torch.float64, generator=gen)
         reference.galore_matrix_step_(Wa, G, P, Ma, Va, **hyper)
         reference.galore_matrix_step_(Wb, G, Q, Mb, Vb, **hyper)
-        assert rel(Wa, Wb) < 1e-6  # galore_matrix_step_ projects in fp32
+        assert rel_err(Wa, Wb) < 1e-6  # galore_matrix_step_ projects in fp32
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -453,13 +432,14 @@ def test_transport_moments_clamps_v_and_rejects_bad_side():
         reference.transport_moments_(M, V, torch.eye(2), torch.eye(2), "top")
 
 
-def _flipping_compute_basis(seed):
-    """compute_basis whose bases are the true ones times a random signed permutation: same subspaces,
-    other coordinates, as an SVD with another sign convention would give."""
+def _flipping_compute(seed):
+    """SVDProjector.compute whose bases are the true ones times a random signed permutation: same
+    subspaces, other coordinates, as an SVD with another sign convention would give."""
     gen = torch.Generator().manual_seed(seed)
+    original = projectors.SVDProjector.compute
 
-    def patched(G, rank, side, projector="svd", **kw):
-        basis = compute_basis(G, rank, side, projector, **kw)
+    def patched(self, G, rank, side, group, **kw):
+        basis = original(self, G, rank, side, group, **kw)
         flip = lambda P: (P.double() @ _signed_permutation(P.shape[1], gen)).to(P.dtype)  # noqa: E731
         return tuple(flip(p) for p in basis) if isinstance(basis, tuple) else flip(basis)
 
@@ -470,9 +450,9 @@ def _flipping_compute_basis(seed):
 def test_optimizer_transport_makes_the_trajectory_independent_of_basis_coordinates(monkeypatch, proj_type):
     def run(transport, flip):
         if flip:
-            monkeypatch.setattr(base_mod, "compute_basis", _flipping_compute_basis(9))
+            monkeypatch.setattr(projectors.SVDProjector, "compute", _flipping_compute(9))
         else:
-            monkeypatch.setattr(base_mod, "compute_basis", compute_basis)
+            monkeypatch.undo()
         params, opt = _make("svd", proj_type, transport, torch.float64, gap=2)
         for s in range(9):
             _grads(params, s)

@@ -12,14 +12,10 @@ from .base import SubspaceOptimizer
 
 # Keys a low-rank group may carry, with the defaults filled in for missing ones. As GaLoreAdamW's,
 # without ``scale`` (SNSM has none).
+# Low-rank group keys of this optimizer; the projector adds its own (projectors.Projector.defaults).
 SNSM_DEFAULTS = {
-    "update_proj_gap": 200,
     "proj_type": "std",
     "projector": "svd",
-    "oversample": 8,
-    "power_iters": 1,
-    "stagger": False,
-    "seed": 0,
     "transport_moments": False,
 }
 
@@ -81,6 +77,9 @@ class AdamSNSM(SubspaceOptimizer):
     def _init_lowrank_state(self, state: dict, p: Tensor, side: str, m: int, n: int, rank: int) -> None:
         state["exp_avg"] = torch.zeros(lowrank_shape(side, m, n, rank), dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros(reference.subset_norm_shape(m, n), dtype=torch.float32, device=p.device)
+
+    def _state_shapes(self, side: str, m: int, n: int, rank: int) -> dict:
+        return {"exp_avg": lowrank_shape(side, m, n, rank), "exp_avg_sq": reference.subset_norm_shape(m, n)}
 
     def _matrix_updates(self, Ws, Gs, bases, states, group: dict, side: str, hyper: dict) -> None:
         ops.snsm_matrices_step_(Ws, Gs, bases, [st["exp_avg"] for st in states],

@@ -16,29 +16,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import ops, reference
-from ..projectors import (
-    PROJ_TYPES,
-    PROJECTORS,
-    SEEDED_PROJECTORS,
-    basis_side,
-    compute_basis,
-    effective_rank,
-    online_pca_update,
-    orthonormalize,
-    seeded_basis,
-)
+from .. import projectors
+from ..projectors import PROJ_TYPES, basis_side, effective_rank, orthonormalize, parameter_seed  # noqa: F401
 
-# State tensors that are fp32 whatever the parameter's dtype (see load_state_dict): the low-rank
-# moments, and the moments and step count of the Online Subspace Descent step on the basis.
-FP32_STATE = (
-    "exp_avg",
-    "exp_avg_sq",
-    "proj_exp_avg",
-    "proj_exp_avg_sq",
-    "proj_exp_avg_right",
-    "proj_exp_avg_sq_right",
-    "proj_step",
-)
+# The optimizers' own state that is fp32 whatever the parameter's dtype (see load_state_dict): the
+# low-rank moments. Each projector adds its own (``Projector.fp32_state``).
+FP32_STATE = ("exp_avg", "exp_avg_sq")
 
 # Key of the diagnostics in state_dict() (tensors only, so weights_only=True loads it).
 STATS_KEY = "subspace_stats"
@@ -56,6 +39,8 @@ def validate_hyperparameters(group: dict) -> None:
         lr_value = lr.item() if isinstance(lr, Tensor) else lr
         _check_number("lr", lr, lr_value >= 0.0, "lr must be >= 0")
     if betas is not None:
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"invalid betas: {betas!r}; must be a pair (beta1, beta2), e.g. (0.9, 0.999)")
         for i, b in enumerate(betas):
             _check_number(f"betas[{i}]", b, 0.0 <= b < 1.0, "each beta must be in [0, 1)")
     if eps is not None:
@@ -71,26 +56,17 @@ def validate_hyperparameters(group: dict) -> None:
     rank = group["rank"]
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"invalid rank: {rank!r}; rank must be a positive int (e.g. rank=128)")
-    gap = group["update_proj_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
-        raise ValueError(f"invalid update_proj_gap: {gap!r}; must be a positive int (e.g. 200)")
     if group["proj_type"] not in PROJ_TYPES:
         raise ValueError(f"invalid proj_type: {group['proj_type']!r}; expected one of {PROJ_TYPES}")
-    if group["projector"] not in PROJECTORS:
-        raise ValueError(f"invalid projector: {group['projector']!r}; expected one of {PROJECTORS}")
-    for key in ("oversample", "power_iters"):
-        v = group[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"invalid {key}: {v!r}; must be an int >= 0")
+    projectors.get(group["projector"]).validate(group)
+    if "scale" in group:
+        scale = group["scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"invalid scale: {scale!r}; must be a number > 0 (galore-torch's default 0.25)")
     transport = group.get("transport_moments", False)
     if not isinstance(transport, bool):
         raise ValueError(f"invalid transport_moments: {transport!r}; must be True or False")
 
-
-def parameter_seed(group_seed: int, index: int, step: int) -> int:
-    """Seed of parameter ``index``'s basis drawn at completed-step ``step``: reproducible and
-    resumable from a checkpoint without storing a generator."""
-    return (int(group_seed) * 1_000_003 + index) * 1_000_003 + step
 
 
 class _StepCounters:
@@ -183,11 +159,23 @@ class SubspaceOptimizer(Optimizer):
         self._stats: dict = {}
         validate_hyperparameters(defaults)
         super().__init__(params, defaults)
+        if not any("rank" in g for g in self.param_groups):
+            warnings.warn(
+                f"{type(self).__name__}: no param group has a 'rank' key, so nothing is low-rank and every "
+                "parameter takes plain AdamW steps (galore-torch's AdamW: eps and bias correction placed as "
+                "in Hugging Face's AdamW, not torch.optim.AdamW's). Build the groups with "
+                "subspace_ops.lowrank_param_groups(model, rank=...) or give the matrices' group a 'rank'",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # -- param groups -----------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         if "rank" in param_group:
             for key, value in self.lowrank_defaults.items():
+                param_group.setdefault(key, value)
+            # The projector's own keys (its refresh schedule, seed, settings): it owns their defaults.
+            for key, value in projectors.get(param_group["projector"]).defaults().items():
                 param_group.setdefault(key, value)
         if "betas" in param_group:
             param_group["betas"] = tuple(param_group["betas"])
@@ -214,17 +202,77 @@ class SubspaceOptimizer(Optimizer):
         saved = state_dict["state"]
         stats = state_dict.get(STATS_KEY, {})
         ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        self._check_loaded_state(state_dict, ids)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != STATS_KEY})
         params = [p for group in self.param_groups for p in group["params"]]
         for pid, p in zip(ids, params):
             if pid not in saved or p not in self.state:
                 continue
+            fp32 = FP32_STATE + self._projector_fp32_state(p)
             for key, value in saved[pid].items():
-                if key in FP32_STATE:
+                if key in fp32:
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
                 elif key != "step" and isinstance(value, Tensor) and not value.is_floating_point():
                     self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
         self._stats = {int(i): {k: v.clone() for k, v in st.items()} for i, st in stats.items()}
+
+    def _state_shapes(self, side: str, m: int, n: int, rank: int) -> dict:
+        """The optimizer's own state keys of a low-rank matrix and their shapes (checked at load)."""
+        raise NotImplementedError
+
+    def _check_loaded_state(self, state_dict: dict, ids: list) -> None:
+        """Before anything is loaded: every low-rank parameter's saved state must be what this
+        optimizer and the group's projector keep for it, or a ValueError names the parameter and the
+        problem (instead of a shape error deep in the math at the next step)."""
+        name = type(self).__name__
+        saved = state_dict["state"]
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            return  # torch.optim's own check says so
+        index = 0
+        for group, saved_group in zip(self.param_groups, saved_groups):
+            for p, pid in zip(group["params"], saved_group["params"]):
+                st = saved.get(pid)
+                where = f"{name}.load_state_dict: parameter {index} (shape {tuple(p.shape)})"
+                index += 1
+                if not st:
+                    continue
+                for key, value in st.items():
+                    if not isinstance(value, (Tensor, int, float)):
+                        raise ValueError(
+                            f"{where}: state {key!r} is a {type(value).__name__}, not a tensor. This looks "
+                            "like a galore-torch checkpoint (it pickles projector objects); its moments are "
+                            "in another layout, so start this optimizer's state fresh instead of loading it"
+                        )
+                if "rank" not in saved_group or "rank" not in group or p.dim() < 2 or p.numel() == 0:
+                    continue
+                m = p.shape[0]
+                n = p.numel() // m
+                side = basis_side(group["proj_type"], m, n)
+                rank = effective_rank(group["rank"], m, n)
+                want = {"step": (), "refresh_offset": (), **self._state_shapes(side, m, n, rank)}
+                if any(k in st for k in ("basis", "basis_step")):  # a basis exists once the first step ran
+                    want.update(projectors.get(group["projector"]).state_shapes(side, m, n, rank))
+                for key, shape in want.items():
+                    if key not in st:
+                        raise ValueError(
+                            f"{where}: the saved state has no {key!r} (it has {sorted(st)}); it was not "
+                            f"saved by {name} with projector={group['projector']!r}, proj_type="
+                            f"{group['proj_type']!r}, rank={group['rank']}"
+                        )
+                    got = tuple(st[key].shape) if isinstance(st[key], Tensor) else ()
+                    if got != tuple(shape):
+                        raise ValueError(
+                            f"{where}: saved {key!r} has shape {got}, but {name} with rank={group['rank']} on "
+                            f"side {side!r} keeps {tuple(shape)}; the checkpoint comes from another "
+                            "optimizer, rank or proj_type"
+                        )
+
+    def _projector_fp32_state(self, p: Tensor) -> tuple:
+        for group in self.param_groups:
+            if "rank" in group and any(q is p for q in group["params"]):
+                return projectors.get(group["projector"]).fp32_state
+        return ()
 
     # -- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -394,8 +442,18 @@ class SubspaceOptimizer(Optimizer):
         n = p.numel() // m
         side = basis_side(group["proj_type"], m, n)
         rank = effective_rank(group["rank"], m, n)
+        proj = projectors.get(group["projector"])
         state = self.state[p]
         if not state:
+            if group["rank"] >= min(m, n):
+                warnings.warn(
+                    f"{type(self).__name__}: parameter {index} (shape {tuple(p.shape)}) has rank="
+                    f"{group['rank']} >= min(m, n) = {min(m, n)}: it runs at full rank and keeps more state "
+                    "than AdamW would; give it a smaller rank or put it in a group without 'rank' "
+                    "(lowrank_param_groups does)",
+                    UserWarning,
+                    stacklevel=4,
+                )
             state["step"] = self._new_step(p, group)
             self._init_lowrank_state(state, p, side, m, n, rank)
             offset = index % group["update_proj_gap"] if group["stagger"] else 0
@@ -404,10 +462,10 @@ class SubspaceOptimizer(Optimizer):
         G = p.grad if p.dim() == 2 else p.grad.reshape(m, n)  # reshape costs ~1 µs of host time
         s = self._host_step(p, state["step"]) if group.get("capturable", False) else int(state["step"].item())
         refreshed = False
-        if self._refresh_due(state, group, s):
-            refreshed = self._refresh(state, G, group, side, rank, index, s)
+        if proj.refresh_due(state, group, s):
+            refreshed = self._refresh(proj, state, G, group, side, rank, index, s)
 
-        basis = self._basis(state, group, side, G, index)
+        basis = self._basis(proj, state, group, side, G, index)
         t, hyper = self._hyper(group, state, c, p, s)
         # The weight itself or an in-place view; a non-contiguous weight is updated through a copy.
         if p.is_contiguous():
@@ -415,8 +473,8 @@ class SubspaceOptimizer(Optimizer):
         else:
             W = p.reshape(m, n).clone()
             c.after.append(lambda p=p, W=W: p.copy_(W.view_as(p)))
-        if group["projector"] == "online_pca" and not refreshed:
-            c.after.append(lambda: self._online_pca_step(state, G, basis, group, side, index, s))
+        if not refreshed and type(proj).after_update is not projectors.Projector.after_update:
+            c.after.append(lambda: self._projector_step(proj, state, G, basis, group, side, index, s))
         key = (id(group), side, W.shape, W.dtype, G.dtype, t)
         batch = c.batches.get(key)
         if batch is None:
@@ -426,47 +484,21 @@ class SubspaceOptimizer(Optimizer):
         batch[2].append(basis)
         batch[3].append(state)
 
-    def _refresh_due(self, state: dict, group: dict, s: int) -> bool:
-        seeded = group["projector"] in SEEDED_PROJECTORS
-        if ("basis_step" if seeded else "basis") not in state:
-            return True
-        if group["projector"] == "online_pca":  # refreshed only by its own steps after the SVD start
-            return False
-        return (s + state["refresh_offset"].item()) % group["update_proj_gap"] == 0
+    def _basis(self, proj, state: dict, group: dict, side: str, G: Tensor, index: int):
+        """The basis the update uses: the projector's, orthonormalised when this optimizer needs
+        orthonormal columns and the projector's are not."""
+        basis = proj.current(state, group, side, G, index)
+        if basis is not None and self.orthonormal_bases and not proj.orthonormal:
+            basis = tuple(orthonormalize(b).to(G.dtype) for b in basis) if side == "full" else (
+                orthonormalize(basis).to(G.dtype))
+        return basis
 
-    def _basis(self, state: dict, group: dict, side: str, G: Tensor, index: int):
-        """The current basis: stored, or regenerated from its seed (gaussian, srht)."""
-        if group["projector"] in SEEDED_PROJECTORS:
-            if "basis_step" not in state:
-                return None
-            m, n = G.shape
-            seed = parameter_seed(group["seed"], index, int(state["basis_step"]))
-            basis = seeded_basis(
-                group["projector"], m, n, effective_rank(group["rank"], m, n), side, seed,
-                dtype=G.dtype, device=G.device,
-            )
-            if self.orthonormal_bases and group["projector"] == "gaussian":
-                basis = tuple(orthonormalize(b).to(G.dtype) for b in basis) if side == "full" else (
-                    orthonormalize(basis).to(G.dtype))
-            return basis
-        if "basis" not in state:
-            return None
-        return (state["basis"], state["basis_right"]) if side == "full" else state["basis"]
-
-    def _refresh(self, state: dict, G: Tensor, group: dict, side: str, rank: int, index: int, s: int) -> bool:
-        """Compute a new basis for ``G``; True when the basis was (re)set."""
-        previous = self._basis(state, group, side, G, index)
-        if group["projector"] in SEEDED_PROJECTORS:
-            # Only the draw's step is stored; the basis is regenerated from it (see _basis).
-            state["basis_step"] = torch.tensor(s, dtype=torch.int64)
-            return self._basis_changed(state, G, group, side, index, s, previous, self._basis(state, group, side, G, index))
-        # Seeded from (group seed, parameter index, step): reproducible and resumable from a
-        # checkpoint without storing a generator.
-        seed = parameter_seed(group["seed"], index, s)
-        basis = compute_basis(
-            G, rank, side, group["projector"], previous=previous, seed=seed,
-            oversample=group["oversample"], power_iters=group["power_iters"],
-        )
+    def _refresh(self, proj, state: dict, G: Tensor, group: dict, side: str, rank: int, index: int, s: int) -> bool:
+        """Ask the projector for a new basis for ``G``; True when the basis was (re)set. A basis that
+        cannot be computed (non-finite gradient, SVD not converging) keeps the previous one, or a
+        fixed orthonormal one at the first step, and warns once."""
+        previous = self._basis(proj, state, group, side, G, index)
+        basis = proj.compute(G, rank, side, group, index=index, step=s, previous=previous)
         if basis is None:
             if not self._warned_refresh:
                 warnings.warn(
@@ -483,78 +515,42 @@ class SubspaceOptimizer(Optimizer):
             left = reference.orthonormal_fallback(m, rank, G)
             right = reference.orthonormal_fallback(n, rank, G)
             basis = {"left": left, "right": right, "full": (left, right)}[side]
-        if side == "full":
-            state["basis"], state["basis_right"] = basis
-        else:
-            state["basis"] = basis
-        if group["projector"] == "online_pca" and "proj_step" not in state:
-            self._init_online_pca_state(state, basis, side)
-        return self._basis_changed(state, G, group, side, index, s, previous, basis)
-
-    def _basis_changed(self, state: dict, G: Tensor, group: dict, side: str, index: int, s: int, previous, basis) -> bool:
-        self._record_stats(index, G, previous, basis, side, s, group)
+        proj.store(state, basis, side, s)
+        new = self._basis(proj, state, group, side, G, index)
+        if new is None:  # a projector that regenerates its basis: the one just computed
+            new = basis
+        self._record_stats(proj, index, G, previous, new, side, s, group)
         if previous is not None:
-            self._on_basis_change(state, group, side, previous, basis, True)
+            self._on_basis_change(state, group, side, previous, new, True)
         return True
 
-    # -- Online Subspace Descent ------------------------------------------------------------------
-    @staticmethod
-    def _init_online_pca_state(state: dict, basis, side: str) -> None:
-        parts = basis if side == "full" else (basis,)
-        for suffix, P in zip(("", "_right"), parts):
-            state["proj_exp_avg" + suffix] = torch.zeros(P.shape, dtype=torch.float32, device=P.device)
-            state["proj_exp_avg_sq" + suffix] = torch.zeros(P.shape, dtype=torch.float32, device=P.device)
-        state["proj_step"] = torch.zeros((), dtype=torch.float32)
-
-    def _online_pca_step(self, state: dict, G: Tensor, basis, group: dict, side: str, index: int, s: int) -> None:
-        """One AdamW step on the online-PCA loss for the basis, after the weight update (§3).
-
-        The basis learning rate follows the weight schedule as in the official code:
-        ``(lr_t / initial_lr) / update_proj_gap``, ``initial_lr`` being what torch LR schedulers store
-        in the group (without a scheduler the ratio is 1).
-        """
-        lr = _float(group["lr"])
-        lr0 = _float(group.get("initial_lr", lr))
-        lr_proj = (lr / lr0 if lr0 != 0.0 else 0.0) / group["update_proj_gap"]
-        t = int(state["proj_step"].item()) + 1
-        if side == "full":
-            new_l = online_pca_update(basis[0], G, state["proj_exp_avg"], state["proj_exp_avg_sq"], t, lr_proj, "left")
-            if new_l is None:
-                return
-            new_r = online_pca_update(
-                basis[1], G, state["proj_exp_avg_right"], state["proj_exp_avg_sq_right"], t, lr_proj, "right"
-            )
-            if new_r is None:
-                return
-            new = (new_l, new_r)
-            state["basis"], state["basis_right"] = new
-        else:
-            new = online_pca_update(basis, G, state["proj_exp_avg"], state["proj_exp_avg_sq"], t, lr_proj, side)
-            if new is None:
-                return
-            state["basis"] = new
-        state["proj_step"].fill_(t)
-        if (s + int(state["refresh_offset"])) % group["update_proj_gap"] == 0:
-            self._record_stats(index, G, basis, new, side, s, group)
-        self._on_basis_change(state, group, side, basis, new, False)
+    def _projector_step(self, proj, state: dict, G: Tensor, basis, group: dict, side: str, index: int, s: int) -> None:
+        """The projector's own step after the weight update (Online Subspace Descent)."""
+        change = proj.after_update(state, G, basis, group, side, index=index, step=s)
+        if change is None:
+            return
+        old, new, on_schedule = change
+        if on_schedule:
+            self._record_stats(proj, index, G, old, new, side, s, group)
+        self._on_basis_change(state, group, side, old, new, False)
 
     # -- diagnostics ------------------------------------------------------------------------------
-    def _orthonormal(self, basis, group: dict):
-        """Bases for the diagnostics: the Gaussian projection is not orthonormal, so orthonormalise."""
-        if group["projector"] != "gaussian" or self.orthonormal_bases:
+    def _orthonormal(self, proj, basis):
+        """Bases for the diagnostics: a basis without orthonormal columns (gaussian) is orthonormalised."""
+        if proj.orthonormal or self.orthonormal_bases:
             return basis
         if isinstance(basis, tuple):
             return tuple(orthonormalize(b) for b in basis)
         return orthonormalize(basis)
 
-    def _record_stats(self, index: int, G: Tensor, old, new, side: str, s: int, group: dict) -> None:
-        new = self._orthonormal(new, group)
+    def _record_stats(self, proj, index: int, G: Tensor, old, new, side: str, s: int, group: dict) -> None:
+        new = self._orthonormal(proj, new)
         stats = {
             "step": torch.tensor(s, dtype=torch.int64),
             "energy": torch.tensor(reference.captured_energy(G, new, side), dtype=torch.float32),
         }
         if old is not None:
-            old = self._orthonormal(old, group)
+            old = self._orthonormal(proj, old)
             stats["energy_old_basis"] = torch.tensor(reference.captured_energy(G, old, side), dtype=torch.float32)
             if side == "full":
                 stats["cosines"] = reference.principal_angle_cosines(old[0], new[0]).cpu()
@@ -598,9 +594,10 @@ class SubspaceOptimizer(Optimizer):
                         m = p.shape[0]
                         G = p.grad.reshape(m, p.numel() // m)
                         side = basis_side(group["proj_type"], m, G.shape[1])
-                        basis = self._basis(self.state[p], group, side, G, index)
+                        proj = projectors.get(group["projector"])
+                        basis = self._basis(proj, self.state[p], group, side, G, index)
                         if basis is not None:
-                            basis = self._orthonormal(basis, group)
+                            basis = self._orthonormal(proj, basis)
                             entry["energy_now"] = reference.captured_energy(G, basis, side)
                     out[index] = entry
                 index += 1

@@ -12,15 +12,11 @@ from .base import FP32_STATE, SubspaceOptimizer, validate_hyperparameters  # noq
 
 # Keys a low-rank group may carry, with the defaults filled in for missing ones (galore-torch's
 # defaults for the first three).
+# Low-rank group keys of this optimizer; the projector adds its own (projectors.Projector.defaults).
 LOWRANK_DEFAULTS = {
-    "update_proj_gap": 200,
     "scale": 0.25,
     "proj_type": "std",
     "projector": "svd",
-    "oversample": 8,
-    "power_iters": 1,
-    "stagger": False,
-    "seed": 0,
     "transport_moments": False,
 }
 
@@ -90,6 +86,10 @@ class GaLoreAdamW(SubspaceOptimizer):
         shape = lowrank_shape(side, m, n, rank)
         state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+
+    def _state_shapes(self, side: str, m: int, n: int, rank: int) -> dict:
+        shape = lowrank_shape(side, m, n, rank)
+        return {"exp_avg": shape, "exp_avg_sq": shape}
 
     def _matrix_updates(self, Ws, Gs, bases, states, group: dict, side: str, hyper: dict) -> None:
         ops.galore_matrices_step_(
