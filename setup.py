@@ -15,11 +15,11 @@ setup(
     python_requires=">=3.10",
     # The top-level kernels/ folder installs as subspace_ops.kernels, so the install never
     # provides a top-level `kernels` package (an unrelated distribution on PyPI owns that name).
-    packages=["subspace_ops", "subspace_ops.optim", "subspace_ops.kernels"],
+    packages=["subspace_ops", "subspace_ops.optim", "subspace_ops.projectors", "subspace_ops.demo", "subspace_ops.kernels"],
     package_dir={"subspace_ops": "subspace_ops", "subspace_ops.kernels": "kernels"},
     install_requires=install_requires,
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.57.6", "accelerate>=1.15"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "plot": ["matplotlib"],
     },

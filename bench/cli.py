@@ -12,9 +12,10 @@ Usage::
 Modes (device defaults to cuda when available, else cpu):
 
 * full, CUDA: LLaMA-7B matrices 4096x4096, 4096x11008, 11008x4096 at rank 128/256/512, bf16 and fp32.
-* full, CPU (the issue-2 comparison): 1024x1024 and 1024x2816 at rank 128, fp32; a few minutes.
+* full, CPU (the comparison with galore-torch): 1024x1024 and 1024x2816 at rank 128, fp32; a few
+  minutes.
 * ``--quick``: 512x512 and 512x1376 at rank 64 fp32 on CPU (4096x4096 and 4096x11008 at rank 256
-  bf16 on CUDA); well under 3 minutes.
+  bf16 on CUDA); well under 3 minutes. On CPU it runs on one thread unless ``--threads`` says otherwise.
 
 ``--compile-only`` needs no GPU: it compiles every kernel variant for the target on this machine and
 reports its machine code (bench/codegen.py).
@@ -49,7 +50,8 @@ from .timing import time_cpu_group, time_cuda
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The case a GPU run must measure first (issue 4): --target-only runs just it, --no-target the rest.
+# The case a GPU run must measure first (the LLaMA-7B MLP matrix at rank 256): --target-only runs
+# just it, --no-target the rest.
 TARGET = (4096, 11008, 256)
 TARGET_DTYPES = ("bf16", "fp32")
 TARGET_LABEL = "4096x11008 rank 256"
@@ -80,7 +82,7 @@ def mode_config(mode: str, device: str) -> ModeConfig:
         if mode == "quick":
             return ModeConfig([(4096, 4096), (4096, 11008)], [256], ["bf16"], rates=RateSizes(1 << 30, 8192))
         return ModeConfig(
-            # The issue-4 target case (4096x11008, rank 256, bf16 and fp32) first, so a run cut
+            # The target case (4096x11008, rank 256, bf16 and fp32) first, so a run cut
             # short by --time-budget still measures it.
             [(4096, 11008), (4096, 4096), (11008, 4096)], [256, 128, 512], ["bf16", "fp32"],
             rates=RateSizes(1 << 30, 8192),
@@ -326,9 +328,22 @@ def sort_rows(rows: List[dict]) -> List[dict]:
     ))
 
 
+def default_threads(threads: Optional[int], mode: str) -> Optional[int]:
+    """The torch thread count of a run: ``--threads`` when given, else 1 for ``--quick`` and ``--smoke``,
+    else None (torch's default).
+
+    One thread for the short runs: their ops are small, and on a shared machine a second busy process
+    stalls OpenMP barriers for a scheduler tick, which shows up as noise in the ratios. The README's CPU
+    measurements were taken with one thread too.
+    """
+    if threads:
+        return threads
+    return 1 if mode in ("quick", "smoke") else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small shapes, a short run (CPU: < 3 min)")
+    p.add_argument("--quick", action="store_true", help="small shapes, a short run (CPU: < 3 min, 1 thread)")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # CI: tiny shapes, seconds
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
@@ -343,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", type=_parse_list, help="only these providers (all ops)")
     p.add_argument("--gap", type=int, default=200, help="steps per refresh for step_amortized (default 200)")
     p.add_argument("--rounds", type=int, help="CPU: fixed number of timing rounds per group")
-    p.add_argument("--threads", type=int, help="CPU: torch.set_num_threads (default: torch's; 1 with --smoke)")
+    p.add_argument("--threads", type=int,
+                   help="CPU: torch.set_num_threads (default: 1 with --quick and --smoke, else torch's)")
     p.add_argument("--time-budget", type=float, metavar="S",
                    help="start no new shape after S seconds (the report keeps what was measured)")
     p.add_argument("--seed", type=int, default=0)
@@ -402,9 +418,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.gap <= 0:
         parser.error("--gap must be a positive int")
     mode = "smoke" if args.smoke else ("quick" if args.quick else "full")
-    threads = args.threads or (1 if mode == "smoke" else None)
+    threads = default_threads(args.threads, mode)
     if threads:
-        # smoke: one thread, so a loaded CI machine cannot stall OpenMP barriers on tiny ops
         torch.set_num_threads(threads)
     cfg = mode_config(mode, device)
     cfg.shapes = args.shapes or cfg.shapes

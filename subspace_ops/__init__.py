@@ -1,4 +1,8 @@
 """subspace-ops: fast, checkpoint-safe subspace (GaLore-style) optimizers for PyTorch."""
+from . import _install_check
+
+_install_check.check(__file__)  # before anything imports .kernels
+
 from . import reference
 from .helpers import lowrank_param_groups, memory_report
 from .ops import back_project, project

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,9 @@ ROW_KEYS = {
 }
 
 
-def _run(args, timeout=240):
+def _run(args, timeout=240, omp_threads="1"):
     # One thread: a smoke test on a busy CI machine must not stall in OpenMP barriers.
-    env = dict(os.environ, OMP_NUM_THREADS="1",
+    env = dict(os.environ, OMP_NUM_THREADS=omp_threads,
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     return subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
@@ -103,6 +104,48 @@ def test_report_has_header_table_ratios_and_skips(smoke):
         assert "## Ratios" in text and "reference / torch_adamw_foreach" in text
         assert "faster than svd" in text
         assert "step / triton" in text  # listed as skipped on CPU
+        assert "## Comparison with galore-torch" in text
+        assert "issue" not in text.lower()  # no internal tracker jargon in what users read
+
+
+def test_ratio_brackets_are_explained_and_follow_the_legend(smoke):
+    """The [lo-hi] after each ratio is explained under the ratios, and its numbers are what the
+    legend says: lo = p20(a) / p80(b), hi = p80(a) / p20(b), from the same rows as the JSON."""
+    _, rows, md = smoke
+    lines = md.splitlines()
+    ratios = [i for i, line in enumerate(lines) if re.match(r"- .* = [0-9.]+ \[[0-9.]+-[0-9.]+\]", line)]
+    assert ratios
+    legend = [i for i, line in enumerate(lines) if line.startswith("[lo-hi] after a ratio a / b:")]
+    assert len(legend) == 1
+    end = next(i for i in range(ratios[0], len(lines)) if not lines[i].startswith("- "))
+    assert lines[end] == "" and legend[0] == end + 1  # right under the list of ratios
+    assert "lo = p20(a) / p80(b), hi = p80(a) / p20(b)" in lines[legend[0]]
+    assert "20th and 80th percentiles" in lines[legend[0]] and "interleaved timing rounds" in lines[legend[0]]
+    idx = {(r["op"], r["provider"], r["m"], r["n"], r["rank"], r["dtype"]): r for r in rows}
+    pattern = re.compile(
+        r"- (\S+) (\d+)x(\d+) r(\d+) (\w+): (\S+) / (\S+) = ([0-9.]+) \[([0-9.]+)-([0-9.]+)\]"
+    )
+    for i in ratios:
+        op, m, n, rank, dt, a, b, q, lo, hi = pattern.match(lines[i]).groups()
+        ra, rb = (idx[(op, p, int(m), int(n), int(rank), dt)] for p in (a, b))
+        assert float(q) == pytest.approx(ra["median_ms"] / rb["median_ms"], abs=6e-4)
+        assert float(lo) == pytest.approx(ra["p20_ms"] / rb["p80_ms"], abs=6e-4)
+        assert float(hi) == pytest.approx(ra["p80_ms"] / rb["p20_ms"], abs=6e-4)
+
+
+def test_quick_runs_on_one_thread_unless_told_otherwise(monkeypatch):
+    # torch's own default here would be 2 threads (OMP_NUM_THREADS=2); --quick makes it 1.
+    tiny = ["--shapes", "64x48", "--ranks", "8", "--ops", "lowrank_adam", "--providers", "reference", "--rounds", "3"]
+    proc = _run(["-m", "bench", "--quick", "--device", "cpu", *tiny], omp_threads="2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "threads 1, date" in proc.stdout
+    # An explicit --threads wins in every mode; without one only the short runs pin a single thread.
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.cli import default_threads
+
+    assert default_threads(3, "quick") == 3 and default_threads(2, "smoke") == 2 and default_threads(2, "full") == 2
+    assert default_threads(None, "quick") == 1 and default_threads(None, "smoke") == 1
+    assert default_threads(None, "full") is None  # torch's default
 
 
 def test_bad_arguments_exit_with_usage_error():

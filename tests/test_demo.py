@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from subspace_ops import demo
+from subspace_ops.demo.train import optimizer_state_bytes
 
 # A tiny model and run: the three optimizers together take a few seconds on 2 CPU cores.
 TINY = [
@@ -78,7 +79,7 @@ def test_adamw_state_bytes_counted_like_torch():
     model(torch.randn(2, 5)).sum().backward()
     opt.step()
     # two fp32 moments per parameter plus a scalar fp32 step per parameter tensor
-    assert demo.optimizer_state_bytes(opt) == 2 * 4 * (15 + 3) + 2 * 4
+    assert optimizer_state_bytes(opt) == 2 * 4 * (15 + 3) + 2 * 4
 
 
 def test_threads_restored_after_main():
