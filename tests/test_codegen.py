@@ -1,5 +1,5 @@
 """The static GPU codegen report (bench/codegen.py): its PTX/ptxas parsers on literal snippets, and the
-machine-code checks of the CI preset, compiled for sm_90 (and a couple of sm_80 variants) on this CPU.
+machine-code checks of the CI preset, compiled for sm_90 (and a few sm_80 cases) on this CPU.
 
 The report runs in a subprocess without TRITON_INTERPRET (conftest sets it for this process, and
 interpreted kernels have no machine code). Each check lists every offending variant.
@@ -148,7 +148,7 @@ def test_compile_only_refuses_triton_interpret(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The CI preset, compiled for sm_90 (and two sm_80 variants)
+# The CI preset, compiled for sm_90 (and three sm_80 cases)
 # ---------------------------------------------------------------------------------------------------
 def _nvidia_backend() -> bool:
     if importlib.util.find_spec("triton") is None:
@@ -158,7 +158,7 @@ def _nvidia_backend() -> bool:
 
 needs_nvidia = pytest.mark.skipif(not _nvidia_backend(), reason="needs triton with its NVIDIA backend (ptxas)")
 
-SM80_CASES = "4096x11008 r256 bf16 left galore,4096 bf16 adamw"
+SM80_CASES = "4096x11008 r256 bf16 left galore,4096x4096 r128 fp32 left snsm,4096 bf16 adamw"  # fp32 spilled on sm_80 once
 
 
 def _report(tmp: Path, archs: str, cases: str, env_extra=None) -> tuple:
@@ -179,7 +179,7 @@ def report(tmp_path_factory):
         pytest.skip("needs triton with its NVIDIA backend (ptxas)")
     tmp = tmp_path_factory.mktemp("codegen")
     doc, _ = _report(tmp, "sm_90", "ci")
-    # sm_80: two variants; started under TRITON_INTERPRET=1 to check that the CLI restarts without it.
+    # sm_80: three cases; started under TRITON_INTERPRET=1 to check that the CLI restarts without it.
     doc80, proc80 = _report(tmp, "sm_80", SM80_CASES, {"TRITON_INTERPRET": "1"})
     assert "restarting without TRITON_INTERPRET" in proc80.stderr
     return doc["rows"] + doc80["rows"]
