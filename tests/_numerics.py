@@ -1,23 +1,73 @@
-"""Helpers shared by the kernel tests: comparisons, and proof that kernels (not the reference) ran.
+"""Helpers shared by the tests: error measures and tolerances (``rel_err``, ``TOL``, ``delta_w_close``),
+checkpoint round trips (``roundtrip``), seeded trajectories (``seeded_grads``, ``run_steps``,
+``assert_states_equal``), and proof that kernels (not the reference) ran.
 
 Weight updates are compared as updates (DESIGN.md, Testing): ``ΔW = W_after − W_before`` against the
 reference's ``ΔW_ref`` from the same ``W_before``, relative to ``‖ΔW_ref‖``, allowing each element one
 rounding into W's dtype. A whole-weight comparison (``rel_err(W, W_ref)``) at a 16-bit tolerance
 passes a kernel that skips the update or the weight decay, since both are a few percent of ``‖W‖``.
 """
+import io
 from typing import Optional
 
 import torch
 
-# ‖ΔW − ΔW_ref‖ / ‖ΔW_ref‖ beyond one rounding of W per element (DESIGN.md tolerances): fp32 math
-# with another summation order, fp16 / bf16 the direction rounded once to the basis dtype for the
+# ‖out − ref‖ / ‖ref‖ per dtype of the result under test (docs/design.md, Testing; TF32 off,
+# conftest.py). A test that needs another bound says so at its call site.
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+# ‖ΔW − ΔW_ref‖ / ‖ΔW_ref‖ beyond one rounding of W per element: the same table. fp32 math with
+# another summation order, fp16 / bf16 the direction rounded once to the basis dtype for the
 # tensor-core product (2^-11 / 2^-8 relative).
-DELTA_RTOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+DELTA_RTOL = TOL
 
 
-def rel_err(out, ref):
+def rel_err(out, ref) -> float:
+    """‖out − ref‖ / ‖ref‖, computed in float64 (a zero ``ref`` counts as 1e-30)."""
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# -- checkpoints and trajectories ------------------------------------------------------------------
+def roundtrip(obj):
+    """What a checkpoint gives back: ``obj.state_dict()`` (an optimizer, a module, a GradFilter) or
+    ``obj`` itself (a state dict) through ``torch.save`` and ``torch.load(weights_only=True)``."""
+    state_dict = obj.state_dict() if hasattr(obj, "state_dict") else obj
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def seeded_grads(params, step: int, seed: int = 0, skip=()) -> None:
+    """Set ``p.grad`` of every parameter to N(0, 1) values from one generator seeded with
+    ``seed + step`` (drawn in ``params`` order, in fp32 on the CPU, then cast to ``p``'s dtype and
+    device); the parameters at the indices in ``skip`` get ``grad = None`` (and draw nothing)."""
+    gen = torch.Generator().manual_seed(seed + step)
+    for i, p in enumerate(params):
+        if i in skip:
+            p.grad = None
+            continue
+        p.grad = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype)
+
+
+def run_steps(opt, params, steps: int, start: int = 0, seed: int = 0) -> None:
+    """Steps ``start .. start + steps - 1`` of a trajectory: ``seeded_grads(params, s, seed)``, then
+    ``opt.step()``."""
+    for s in range(start, start + steps):
+        seeded_grads(params, s, seed)
+        opt.step()
+
+
+def assert_states_equal(opt_a, params_a, opt_b, params_b) -> None:
+    """Bit-exact: the parameters, and every state tensor of each (same keys, dtypes and values)."""
+    for x, y in zip(params_a, params_b):
+        assert torch.equal(x, y)
+        sa, sb = opt_a.state[x], opt_b.state[y]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert sa[k].dtype == sb[k].dtype, k
+            assert torch.equal(sa[k], sb[k]), k
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """AdamSNSM (docs/algorithms.md §4) against a naive float64 implementation, state, checkpoints, errors."""
-import io
+import functools
 import math
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 
 from subspace_ops import AdamSNSM, GaLoreAdamW, memory_report, reference
 from subspace_ops.projectors import PROJECTORS, SEEDED_PROJECTORS
+from _numerics import roundtrip, seeded_grads
 
 B1, B2, EPS, LR, WD = 0.9, 0.99, 1e-6, 0.05, 0.1
 
@@ -171,13 +172,6 @@ def test_defaults():
     assert "scale" not in g
 
 
-def _roundtrip(opt):
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 def _make(projector, transport, dtype):
     torch.manual_seed(0)
     W = torch.nn.Parameter(torch.randn(12, 7).to(dtype))
@@ -187,10 +181,7 @@ def _make(projector, transport, dtype):
     return [W, b], opt
 
 
-def _grads(params, s):
-    gen = torch.Generator().manual_seed(50 + s)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+_grads = functools.partial(seeded_grads, seed=50)
 
 
 @pytest.mark.parametrize("projector", PROJECTORS)
@@ -205,7 +196,7 @@ def test_state_dict_roundtrip_mid_run_is_bit_exact(projector, transport, dtype):
     for s in range(4):
         _grads(pb, s)
         ob.step()
-    saved = _roundtrip(ob)
+    saved = roundtrip(ob)
     pc, oc = _make(projector, transport, dtype)
     with torch.no_grad():
         for x, y in zip(pc, pb):

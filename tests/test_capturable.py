@@ -5,13 +5,13 @@ ordinary one up to the fp32 rounding of the step size.
 On the CPU the Triton kernels run in the interpreter, reading the same pointers; the CUDA graph
 capture itself is a ``gpu`` test.
 """
-import io
+import functools
 
 import pytest
 import torch
 
 from subspace_ops import AdamSNSM, GaLoreAdamW, kernels
-from _numerics import assert_delta_w_close
+from _numerics import assert_delta_w_close, roundtrip, seeded_grads
 
 needs_interpreter = pytest.mark.skipif(not kernels.interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")
 BACKENDS = ["reference", pytest.param("triton", marks=needs_interpreter)]
@@ -28,10 +28,7 @@ def _groups(params, **kw):
     return [{"params": params[:4], "rank": 4, "update_proj_gap": 3, **kw}, {"params": params[4:]}]
 
 
-def _grads(params, step):
-    g = torch.Generator().manual_seed(1000 + step)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype)
+_grads = functools.partial(seeded_grads, seed=1000)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -69,10 +66,7 @@ def test_capturable_state_dict_round_trip_keeps_counting(backend):
     for step in range(2):
         _grads(params, step)
         opt.step()
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    sd = torch.load(buf, weights_only=True)
+    sd = roundtrip(opt)
     params2 = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt2 = GaLoreAdamW(_groups(params2), lr=0.02, backend=backend, capturable=True)
     opt2.load_state_dict(sd)

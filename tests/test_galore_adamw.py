@@ -1,6 +1,5 @@
 """GaLoreAdamW: parity with galore-torch 1.0, torch.optim behaviour, checkpoints, memory."""
 import copy
-import io
 import math
 import warnings
 
@@ -11,6 +10,7 @@ from torch import nn
 import subspace_ops
 from subspace_ops import GaLoreAdamW, reference
 from subspace_ops._galore_torch import import_galore_torch
+from _numerics import rel_err, roundtrip
 
 PROJ_TYPES = ["std", "reverse_std", "left", "right", "full"]
 
@@ -42,10 +42,6 @@ def run(opt, params, shapes, steps, start=0, dtype=None):
         for p, g in zip(params, low_rank_grads(shapes, t)):
             p.grad = g.to(p.dtype)
         opt.step()
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +77,7 @@ def test_matches_galore_torch_30_steps(galore_torch, proj_type):
         ours.step()
         theirs.step()
         for a, b in zip(ours_p, theirs_p):
-            assert rel(a, b) <= 1e-5, (proj_type, t)
+            assert rel_err(a, b) <= 1e-5, (proj_type, t)
 
 
 def test_default_group_keys_match_galore_torch(galore_torch):
@@ -100,7 +96,7 @@ def test_default_group_keys_match_galore_torch(galore_torch):
         ours_p[0].grad, theirs_p[0].grad = g.clone(), g.clone()
         ours.step()
         theirs.step()
-    assert rel(ours_p[0], theirs_p[0]) <= 1e-5
+    assert rel_err(ours_p[0], theirs_p[0]) <= 1e-5
     group = ours.param_groups[0]
     assert (group["update_proj_gap"], group["scale"], group["proj_type"], group["projector"]) == (200, 0.25, "std", "svd")
 
@@ -139,7 +135,7 @@ def test_fp32_trajectory_matches_float64_math(shape, side):
         p.grad = g.clone()
         opt.step()
     expected = naive_galore(W0, grads, 5, 4, 0.5, 1e-2, (0.9, 0.999), 1e-6, 0.1, side)
-    assert rel(p.detach(), expected) <= 1e-5
+    assert rel_err(p.detach(), expected) <= 1e-5
 
 
 def test_plain_group_is_adamw_without_scale():
@@ -156,7 +152,7 @@ def test_plain_group_is_adamw_without_scale():
         V = 0.999 * V + 0.001 * g.double() ** 2
         W = W - 1e-2 * math.sqrt(1 - 0.999**t) / (1 - 0.9**t) * M / (V.sqrt() + 1e-6)
         W = W * (1 - 1e-2 * 0.1)
-    assert rel(p.detach(), W) <= 1e-6
+    assert rel_err(p.detach(), W) <= 1e-6
 
 
 def test_correct_bias_false_uses_plain_lr():
@@ -283,13 +279,6 @@ def test_state_is_tensors_and_lowrank_sized_only():
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
-def roundtrip(state_dict):
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @pytest.mark.parametrize("projector", ["svd", "randomized"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_checkpoint_resume_is_bit_exact(projector, dtype):

@@ -1,5 +1,4 @@
 """GradFilter (Grokfast, docs/algorithms.md §7): formulas, state, checkpoints, errors."""
-import io
 from collections import deque
 
 import pytest
@@ -7,6 +6,7 @@ import torch
 from torch import nn
 
 from subspace_ops import GaLoreAdamW, GradFilter
+from _numerics import roundtrip
 
 
 def _grads(n, shape=(4, 3), seed=0, dtype=torch.float64):
@@ -103,13 +103,6 @@ def test_complex_gradients_are_filtered_as_real_pairs():
     assert torch.allclose(p.grad, 2 * g)
 
 
-def _roundtrip(sd):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @pytest.mark.parametrize("mode", ["ema", "ma"])
 def test_state_dict_roundtrip_continues_bit_exactly(mode):
     grads = _grads(9, seed=3, dtype=torch.float32)
@@ -125,7 +118,7 @@ def test_state_dict_roundtrip_continues_bit_exactly(mode):
         pb.grad = g.clone()
         fb()
         outb.append(pb.grad.clone())
-    saved = _roundtrip(fb.state_dict())
+    saved = roundtrip(fb.state_dict())
     fc = GradFilter([pb], mode=mode, window=4, alpha=0.5, lamb=1.0)  # hyperparameters come from the file
     fc.load_state_dict(saved)
     assert fc.alpha == 0.9

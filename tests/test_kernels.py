@@ -15,9 +15,8 @@ pytest.importorskip("triton")
 from subspace_ops.kernels import backproject as kb  # noqa: E402
 from subspace_ops.kernels import lowrank_adam as ka  # noqa: E402
 from subspace_ops.kernels import project as kp  # noqa: E402
-from _numerics import assert_delta_w_close, rel_err, within_one_rounding  # noqa: E402
+from _numerics import TOL, assert_delta_w_close, rel_err, within_one_rounding  # noqa: E402
 
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 DTYPES = list(TOL)
 SHAPES = [(37, 53, 5), (129, 77, 16), (40, 33, 40)]
 SIDES = ["left", "right"]

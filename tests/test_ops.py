@@ -14,19 +14,13 @@ import torch
 
 import subspace_ops
 from subspace_ops import GaLoreAdamW, kernels, ops, reference
-from _numerics import assert_delta_w_close, forbid_reference_and_count_launches
+from _numerics import TOL, assert_delta_w_close, forbid_reference_and_count_launches, rel_err
 
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 SIDES = ["left", "right"]
 needs_interpreter = pytest.mark.skipif(
     not (kernels.HAS_TRITON and kernels.interpreting()), reason="Triton on CPU needs TRITON_INTERPRET=1"
 )
 DEVICES = [pytest.param("cpu", marks=needs_interpreter), pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make(shape, dtype=torch.float32, device="cpu", seed=0, scale=1.0):

@@ -5,10 +5,7 @@ import pytest
 import torch
 
 from subspace_ops import projectors, reference
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from _numerics import rel_err
 
 
 def orthonormal(rows, r, seed=0):
@@ -23,23 +20,23 @@ def test_project_and_back_project_match_float64(m, n, r, side):
     P = orthonormal(m if side == "left" else n, r)
     R = reference.project(G, P, side)
     expected = P.T @ G if side == "left" else G @ P
-    assert R.shape == expected.shape and rel(R, expected) < 1e-12
+    assert R.shape == expected.shape and rel_err(R, expected) < 1e-12
     back = reference.back_project(R, P, side)
     assert back.shape == (m, n)
     # back(project(G)) is the orthogonal projection of G: idempotent, and the residual is orthogonal
-    assert rel(reference.project(back, P, side), R) < 1e-12
+    assert rel_err(reference.project(back, P, side), R) < 1e-12
     resid = G - back
     assert reference.project(resid, P, side).abs().max() < 1e-10
     # fp32 inputs stay within the docs/design.md tolerance of float64
-    assert rel(reference.project(G.float(), P.float(), side), expected) <= 1e-5
+    assert rel_err(reference.project(G.float(), P.float(), side), expected) <= 1e-5
 
 
 def test_project_full_is_two_sided():
     G = torch.randn(20, 14, dtype=torch.float64)
     Pl, Pr = orthonormal(20, 4, 1), orthonormal(14, 4, 2)
     R = reference.project_any(G, (Pl, Pr), "full")
-    assert rel(R, (Pl.T @ G @ Pr).float()) < 1e-6
-    assert rel(reference.back_project_any(R, (Pl, Pr), "full"), (Pl @ Pl.T @ G @ Pr @ Pr.T).float()) < 1e-6
+    assert rel_err(R, (Pl.T @ G @ Pr).float()) < 1e-6
+    assert rel_err(reference.back_project_any(R, (Pl, Pr), "full"), (Pl @ Pl.T @ G @ Pr @ Pr.T).float()) < 1e-6
 
 
 def test_bad_side_is_rejected():
@@ -57,11 +54,11 @@ def test_lowrank_adam_and_update_match_formulas():
     N = reference.lowrank_adam_(R, M, V, 0.8, 0.99, 1e-3)
     Me = 0.8 * M0 + 0.2 * R.double()
     Ve = 0.99 * V0 + 0.01 * R.double() ** 2
-    assert rel(M, Me) < 1e-6 and rel(V, Ve) < 1e-6 and rel(N, Me / (Ve.sqrt() + 1e-3)) < 1e-6
+    assert rel_err(M, Me) < 1e-6 and rel_err(V, Ve) < 1e-6 and rel_err(N, Me / (Ve.sqrt() + 1e-3)) < 1e-6
     W = torch.randn(7, 9, generator=gen)
     W0 = W.double().clone()
     reference.apply_update_(W, N, 0.1, 0.25, 0.01, 0.5)
-    assert rel(W, (W0 - 0.1 * 0.25 * N.double()) * (1 - 0.01 * 0.5)) < 1e-6
+    assert rel_err(W, (W0 - 0.1 * 0.25 * N.double()) * (1 - 0.01 * 0.5)) < 1e-6
 
 
 def test_apply_update_rounds_once_for_bf16():

@@ -1,10 +1,9 @@
 """Step counters: ``state["step"]`` is a 0-d fp32 tensor per parameter that counts that parameter's
 steps, whatever the optimizer does to advance them cheaply (one op for all parameters)."""
-import io
-
 import torch
 
 from subspace_ops import GaLoreAdamW
+from _numerics import roundtrip
 
 
 def _params(count, seed=0):
@@ -39,12 +38,10 @@ def test_loaded_and_hand_set_counters_are_adopted():
     opt = GaLoreAdamW([{"params": params[:3], "rank": 2}, {"params": params[3:]}], lr=1e-3)
     for _ in range(3):
         _step(opt, params, {0, 1, 2, 3})
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
+    saved = roundtrip(opt)
     twin = _params(3)
     opt2 = GaLoreAdamW([{"params": twin[:3], "rank": 2}, {"params": twin[3:]}], lr=1e-3)
-    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    opt2.load_state_dict(saved)
     opt2.state[twin[1]]["step"] = torch.tensor(10.0)  # set by hand
     _step(opt2, twin, {0, 1, 2, 3})
     assert [int(opt2.state[p]["step"]) for p in twin] == [4, 11, 4, 4]
