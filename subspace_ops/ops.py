@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import kernels as _kernels
 from . import reference
+from .basis import Basis
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "SUBSPACE_OPS_BACKEND"
@@ -32,7 +33,7 @@ SIDES = ("left", "right")
 STEP_SIDES = ("left", "right", "full")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-Basis = Union[Tensor, Tuple[Tensor, Tensor]]
+BasisLike = Union[Basis, Tensor, Tuple[Tensor, Tensor]]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,14 +200,13 @@ def back_project(R: Tensor, P: Tensor, side: str) -> Tensor:
 # ---------------------------------------------------------------------------------------------------
 # In-place optimizer steps
 # ---------------------------------------------------------------------------------------------------
-def _check_step_basis(basis: Basis, side: str) -> None:
+def _step_bases(bases, side: str) -> list:
+    """``bases`` as ``Basis`` objects for ``side`` (``Basis.of``: the optimizer's pass through as they
+    are; a Tensor or a pair is wrapped), a ValueError for a bad side or basis."""
     if side not in STEP_SIDES:
         raise ValueError(f"side must be one of {STEP_SIDES}, got {side!r}")
-    if side == "full":
-        if not (isinstance(basis, (tuple, list)) and len(basis) == 2):
-            raise ValueError("side 'full' needs basis=(P_left, P_right), a pair of tensors")
-    elif not isinstance(basis, Tensor):
-        raise ValueError(f"side {side!r} needs one basis tensor, got {type(basis).__name__}")
+    of = Basis.of
+    return [of(b, side) for b in bases]
 
 
 # A grouped step stacks each intermediate (the Adam direction N, SNSM's D, the "full" side's T and
@@ -330,8 +330,7 @@ def galore_matrices_step_(
     read those values from device memory (``kernels._common.DeviceHyper``), with no host sync. The
     reference path reads them on the host.
     """
-    for b in bases:
-        _check_step_basis(b, side)
+    bases = _step_bases(bases, side)
     hyper = dict(beta1=beta1, beta2=beta2, eps=eps)
     if not Ws:
         return
@@ -357,8 +356,8 @@ def galore_matrices_step_(
     if dh is None:
         alpha = -step_size * scale
         decay = -lr * weight_decay if weight_decay > 0.0 else 0.0
-    if side == "full":
-        Pls, Prs = [b[0] for b in bases], [b[1] for b in bases]
+    if side == "full":  # the kernel composition needs the two parts apart: a GEMM on each side
+        Pls, Prs = [b.left for b in bases], [b.right for b in bases]
         keys = [_layout(W, G, Pl, M, V) + (Pr.shape, Pr.stride(), Pr.dtype)
                 for W, G, Pl, Pr, M, V in zip(Ws, Gs, Pls, Prs, Ms, Vs)]
         m, n = Ws[0].shape
@@ -377,6 +376,7 @@ def galore_matrices_step_(
             _back_project_group(Ys, _pick(Prs, idx), "right", _pick(Ws, idx), alpha, decay, _kback.UPDATE,
                                 Pr0.dtype, device_hyper=dh)
         return
+    bases = [b.parts[0] for b in bases]  # one side: its one tensor
     keys = [_layout(W, G, P, M, V) for W, G, P, M, V in zip(Ws, Gs, bases, Ms, Vs)]
     low = tuple(Ms[0].shape)
     per = bases[0].element_size() * low[0] * low[1]
@@ -392,7 +392,7 @@ def galore_matrices_step_(
 def galore_matrix_step_(
     W: Tensor,
     G: Tensor,
-    basis: Basis,
+    basis: BasisLike,
     M: Tensor,
     V: Tensor,
     *,
@@ -421,7 +421,6 @@ def galore_matrix_step_(
     fp32), then ``(·) Pr`` with the Adam epilogue; ``Pl N`` (m x r, basis dtype), then ``(·) Prᵀ``
     with the weight update. ``galore_matrices_step_`` does the same for many matrices per launch.
     """
-    _check_step_basis(basis, side)
     galore_matrices_step_([W], [G], [basis], [M], [V], backend=backend, side=side, step_size=step_size,
                           scale=scale, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                           step=step, bias_correction=bias_correction, correct_bias=correct_bias)
@@ -448,8 +447,7 @@ def snsm_matrices_step_(
 ) -> None:
     """``snsm_matrix_step_`` for a list of matrices sharing one side and hyperparameters (grouped
     launches as in ``galore_matrices_step_``)."""
-    for b in bases:
-        _check_step_basis(b, side)
+    bases = _step_bases(bases, side)
     if not Ws:
         return
     split = _split_by_backend(backend, Ws)
@@ -477,8 +475,8 @@ def snsm_matrices_step_(
         alpha = -step_size
         decay = -lr * weight_decay if weight_decay > 0.0 else 0.0
     m, n = Ws[0].shape
-    if side == "full":
-        Pls, Prs = [b[0] for b in bases], [b[1] for b in bases]
+    if side == "full":  # the kernel composition needs the two parts apart: a GEMM on each side
+        Pls, Prs = [b.left for b in bases], [b.right for b in bases]
         keys = [_layout(W, G, Pl, M, V) + (Pr.shape, Pr.stride(), Pr.dtype)
                 for W, G, Pl, Pr, M, V in zip(Ws, Gs, Pls, Prs, Ms, Vs)]
         r1, r2 = Pls[0].shape[1], Prs[0].shape[1]
@@ -498,6 +496,7 @@ def snsm_matrices_step_(
             _back_project_group(Ys, _pick(Prs, idx), "right", _pick(Ws, idx), alpha, decay, _kback.SNSM_UPDATE,
                                 Pr0.dtype, Gs=_pick(Gs, idx), Vs=_pick(Vs, idx), eps=eps, device_hyper=dh)
         return
+    bases = [b.parts[0] for b in bases]  # one side: its one tensor
     keys = [_layout(W, G, P, M, V) for W, G, P, M, V in zip(Ws, Gs, bases, Ms, Vs)]
     low = tuple(Ms[0].shape)
     per = bases[0].element_size() * low[0] * low[1]
@@ -520,7 +519,7 @@ def snsm_matrices_step_(
 def snsm_matrix_step_(
     W: Tensor,
     G: Tensor,
-    basis: Basis,
+    basis: BasisLike,
     M: Tensor,
     V: Tensor,
     *,
@@ -551,7 +550,6 @@ def snsm_matrix_step_(
     side (``Plᵀ G``, then ``Pl D``), in the reference's association, and always takes the standalone
     V pass. ``snsm_matrices_step_`` does the same for many matrices per launch.
     """
-    _check_step_basis(basis, side)
     snsm_matrices_step_([W], [G], [basis], [M], [V], backend=backend, side=side, step_size=step_size, lr=lr,
                         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                         step=step, bias_correction=bias_correction, correct_bias=correct_bias)

@@ -6,6 +6,9 @@ Conventions (docs/design.md): a basis ``P`` has orthonormal columns.
 * side ``"right"``: ``P`` is (n, r), ``project(G) = G P`` (m, r), ``back_project(R) = R Pᵀ`` (m, n)
 * side ``"full"``:  ``P = (Pl, Pr)``, ``project(G) = Plᵀ G Pr`` (r, r), ``back_project(N) = Pl N Prᵀ``
 
+The functions that take a basis for every side take a ``subspace_ops.basis.Basis`` or the old
+conventions above (``Basis.of``); the side logic lives in ``Basis``.
+
 Everything here runs on any device and in float64, needs no Triton, and computes in the dtype of its
 inputs except where noted: 16-bit inputs are upcast to fp32 for the math and rounded once on store,
 which is also what the fused kernels do.
@@ -18,7 +21,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-Basis = Union[Tensor, Tuple[Tensor, Tensor]]
+from .basis import Basis
+
+BasisLike = Union[Basis, Tensor, Tuple[Tensor, Tensor]]
 SIDES = ("left", "right")
 
 
@@ -45,25 +50,16 @@ def wide(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def project_any(G: Tensor, basis: Basis, side: str) -> Tensor:
+def project_any(G: Tensor, basis: BasisLike, side: str) -> Tensor:
     """Projection for every side the optimizers use, ``"full"`` included, computed in fp32 (float64
-    for float64 gradients)."""
-    G32 = wide(G)
-    if side == "full":
-        Pl, Pr = basis
-        return Pl.to(G32.dtype).mT @ G32 @ Pr.to(G32.dtype)
-    return project(G32, basis.to(G32.dtype), side)
+    for float64 gradients): ``Basis.project``."""
+    return Basis.of(basis, side).project(G)
 
 
-def back_project_any(N: Tensor, basis: Basis, side: str) -> Tensor:
+def back_project_any(N: Tensor, basis: BasisLike, side: str) -> Tensor:
     """Back-projection for every side, ``"full"`` included, computed in fp32 (float64 when the
-    basis is float64)."""
-    dtype = torch.float64 if (basis[0] if side == "full" else basis).dtype == torch.float64 else torch.float32
-    N32 = N.to(dtype)
-    if side == "full":
-        Pl, Pr = basis
-        return Pl.to(dtype) @ N32 @ Pr.to(dtype).mT
-    return back_project(N32, basis.to(dtype), side)
+    basis is float64): ``Basis.back``."""
+    return Basis.of(basis, side).back(N)
 
 
 def adam_step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: bool = True) -> float:
@@ -100,7 +96,7 @@ def apply_update_(W: Tensor, D: Tensor, step_size: float, scale: float, lr: floa
 def galore_matrix_step_(
     W: Tensor,
     G: Tensor,
-    basis: Basis,
+    basis: BasisLike,
     M: Tensor,
     V: Tensor,
     *,
@@ -117,9 +113,9 @@ def galore_matrix_step_(
 
     ``step_size`` is the bias-corrected ``adam_step_size(...)`` of the step being taken.
     """
-    R = project_any(G, basis, side)
-    N = lowrank_adam_(R, M, V, beta1, beta2, eps)
-    apply_update_(W, back_project_any(N, basis, side), step_size, scale, lr, weight_decay)
+    basis = Basis.of(basis, side)
+    N = lowrank_adam_(basis.project(G), M, V, beta1, beta2, eps)
+    apply_update_(W, basis.back(N), step_size, scale, lr, weight_decay)
 
 
 def adam_step_(
@@ -150,12 +146,12 @@ def principal_angle_cosines(P_old: Tensor, P_new: Tensor) -> Tensor:
     return torch.linalg.svdvals(P_old.float().mT @ P_new.float()).clamp_(0.0, 1.0)
 
 
-def captured_energy(G: Tensor, basis: Basis, side: str) -> float:
+def captured_energy(G: Tensor, basis: BasisLike, side: str) -> float:
     """‖project(G)‖² / ‖G‖²: the share of the gradient that the subspace keeps (0 for a zero gradient)."""
     total = G.float().pow(2).sum()
     if total == 0:
         return 0.0
-    return float(project_any(G, basis, side).pow(2).sum() / total)
+    return float(Basis.of(basis, side).project(G).pow(2).sum() / total)
 
 
 def transport_matrix(P_old: Tensor, P_new: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -164,30 +160,16 @@ def transport_matrix(P_old: Tensor, P_new: Tensor, dtype: torch.dtype = torch.fl
     return P_new.to(dtype).mT @ P_old.to(dtype)
 
 
-def transport_moments_(M: Tensor, V: Optional[Tensor], old: Basis, new: Basis, side: str) -> None:
-    """Carry low-rank moments into a new basis, in place (docs/algorithms.md §6).
+def transport_moments_(M: Tensor, V: Optional[Tensor], old: BasisLike, new: BasisLike, side: str) -> None:
+    """Carry low-rank moments into a new basis, in place (docs/algorithms.md §6; ``Basis.transport_``).
 
-    ``M ← C M`` (left) / ``M Cᵀ`` (right) / ``Cl M Crᵀ`` (full), so ``back_project(M)`` is kept up to
-    its component outside the new subspace; ``V ← (C∘C) V`` / ``V (C∘C)ᵀ`` / both, clamped ≥ 0 (V is
-    not linear in the basis: exact only when C is a signed permutation). ``V=None`` moves ``M`` only.
-    For a Gaussian (non-orthonormal) basis the same formula is Flora's ``project_new(back_old(M))``.
+    ``M ← C M`` (left) / ``M Cᵀ`` (right) / ``Cl M Crᵀ`` (full), ``C = transport_matrix(old, new)``, so
+    ``back_project(M)`` is kept up to its component outside the new subspace; ``V ← (C∘C) V`` /
+    ``V (C∘C)ᵀ`` / both, clamped ≥ 0 (V is not linear in the basis: exact only when C is a signed
+    permutation). ``V=None`` moves ``M`` only. For a Gaussian (non-orthonormal) basis the same formula
+    is Flora's ``project_new(back_old(M))``.
     """
-    if side == "full":
-        Cl, Cr = transport_matrix(old[0], new[0], M.dtype), transport_matrix(old[1], new[1], M.dtype)
-        M.copy_(Cl @ M @ Cr.mT)
-        if V is not None:
-            V.copy_(((Cl * Cl) @ V @ (Cr * Cr).mT).clamp_(min=0.0))
-        return
-    _check_side(side)
-    C = transport_matrix(old, new, M.dtype)
-    if side == "left":
-        M.copy_(C @ M)
-        if V is not None:
-            V.copy_(((C * C) @ V).clamp_(min=0.0))
-    else:
-        M.copy_(M @ C.mT)
-        if V is not None:
-            V.copy_((V @ (C * C).mT).clamp_(min=0.0))
+    Basis.of(old, side).transport_(M, V, Basis.of(new, side))
 
 
 def subset_norm_shape(m: int, n: int) -> Tuple[int, int]:
@@ -199,7 +181,7 @@ def subset_norm_shape(m: int, n: int) -> Tuple[int, int]:
 def snsm_matrix_step_(
     W: Tensor,
     G: Tensor,
-    basis: Basis,
+    basis: BasisLike,
     M: Tensor,
     V: Tensor,
     *,
@@ -218,12 +200,13 @@ def snsm_matrix_step_(
     ``W ← W − step_size · (back(M) + G − back(project(G))) / (sqrt(V) + ε)``, then the decoupled weight
     decay of GaLore (``W ← W − lr·wd·W``). ``step_size`` is ``adam_step_size(...)``: ``lr·c_t``.
     """
+    basis = Basis.of(basis, side)
     G32 = wide(G)
-    R = project_any(G32, basis, side)
+    R = basis.project(G32)
     M.mul_(beta1).add_(R, alpha=1.0 - beta1)
     reduce_dim = 1 if V.shape[1] == 1 and V.shape[0] == G32.shape[0] else 0
     V.mul_(beta2).add_(G32.pow(2).sum(dim=reduce_dim, keepdim=True), alpha=1.0 - beta2)
-    numerator = back_project_any(M, basis, side).add_(G32).sub_(back_project_any(R, basis, side))
+    numerator = basis.back(M).add_(G32).sub_(basis.back(R))
     apply_update_(W, numerator.div_(V.sqrt().add_(eps)), step_size, 1.0, lr, weight_decay)
 
 
@@ -254,6 +237,7 @@ def grokfast_ma_(grad: Tensor, buffer: Tensor, count: Tensor, lamb: float, warmu
 
 
 __all__: Sequence[str] = [
+    "Basis",
     "project",
     "back_project",
     "project_any",

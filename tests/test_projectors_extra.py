@@ -282,12 +282,13 @@ def test_seeded_projection_is_not_stored_and_resampled_every_gap(projector):
         seen.append(int(st["basis_step"]))
     assert seen == [0, 0, 0, 3, 3, 3, 6]
     # Regenerated from (group seed, parameter index, refresh step): another group seed, other bases.
-    b0 = opt._basis(projectors.get(projector), opt.state[W], opt.param_groups[0], "right", W.grad, 0)
+    b0 = opt._basis(projectors.get(projector), opt.state[W], opt.param_groups[0], "right", W.grad, 0).right
     params2, opt2 = _make(projector, gap=3, seed=1)
     for s in range(7):
         _grads(params2, s)
         opt2.step()
-    b1 = opt2._basis(projectors.get(projector), opt2.state[params2[0]], opt2.param_groups[0], "right", params2[0].grad, 0)
+    b1 = opt2._basis(projectors.get(projector), opt2.state[params2[0]], opt2.param_groups[0], "right",
+                     params2[0].grad, 0).right
     assert b0.shape == b1.shape == (11, 3) and not torch.equal(b0, b1)
 
 

@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from .. import ops, reference
 from .. import projectors
+from ..basis import Basis
 from ..projectors import PROJ_TYPES, basis_side, effective_rank, orthonormalize, parameter_seed  # noqa: F401
 
 # The optimizers' own state that is fp32 whatever the parameter's dtype (see load_state_dict): the
@@ -485,12 +486,15 @@ class SubspaceOptimizer(Optimizer):
         batch[3].append(state)
 
     def _basis(self, proj, state: dict, group: dict, side: str, G: Tensor, index: int):
-        """The basis the update uses: the projector's, orthonormalised when this optimizer needs
-        orthonormal columns and the projector's are not."""
+        """The basis the update uses (a ``Basis``, or None before the first refresh): the projector's,
+        orthonormalised when this optimizer needs orthonormal columns and the projector's are not."""
         basis = proj.current(state, group, side, G, index)
-        if basis is not None and self.orthonormal_bases and not proj.orthonormal:
-            basis = tuple(orthonormalize(b).to(G.dtype) for b in basis) if side == "full" else (
-                orthonormalize(basis).to(G.dtype))
+        if basis is None:
+            return None
+        if basis.__class__ is not Basis:  # a plug-in's current() may still return a Tensor or a pair
+            basis = Basis.of(basis, side)
+        if self.orthonormal_bases and not proj.orthonormal:
+            basis = basis.map(lambda b: orthonormalize(b).to(G.dtype))
         return basis
 
     def _refresh(self, proj, state: dict, G: Tensor, group: dict, side: str, rank: int, index: int, s: int) -> bool:
@@ -499,7 +503,9 @@ class SubspaceOptimizer(Optimizer):
         fixed orthonormal one at the first step, and warns once."""
         previous = self._basis(proj, state, group, side, G, index)
         basis = proj.compute(G, rank, side, group, index=index, step=s, previous=previous)
-        if basis is None:
+        if basis is not None:
+            basis = Basis.of(basis, side)  # a plug-in's compute() may still return a Tensor or a pair
+        else:
             if not self._warned_refresh:
                 warnings.warn(
                     f"{type(self).__name__}: could not compute a basis for parameter {index} at step {s} "
@@ -512,9 +518,8 @@ class SubspaceOptimizer(Optimizer):
             if previous is not None:
                 return False
             m, n = G.shape
-            left = reference.orthonormal_fallback(m, rank, G)
-            right = reference.orthonormal_fallback(n, rank, G)
-            basis = {"left": left, "right": right, "full": (left, right)}[side]
+            basis = Basis.from_parts(side, [reference.orthonormal_fallback(rows, rank, G)
+                                            for rows in Basis.part_rows(side, m, n)])
         proj.store(state, basis, side, s)
         new = self._basis(proj, state, group, side, G, index)
         if new is None:  # a projector that regenerates its basis: the one just computed
@@ -530,6 +535,7 @@ class SubspaceOptimizer(Optimizer):
         if change is None:
             return
         old, new, on_schedule = change
+        old, new = Basis.of(old, side), Basis.of(new, side)
         if on_schedule:
             self._record_stats(proj, index, G, old, new, side, s, group)
         self._on_basis_change(state, group, side, old, new, False)
@@ -539,9 +545,7 @@ class SubspaceOptimizer(Optimizer):
         """Bases for the diagnostics: a basis without orthonormal columns (gaussian) is orthonormalised."""
         if proj.orthonormal or self.orthonormal_bases:
             return basis
-        if isinstance(basis, tuple):
-            return tuple(orthonormalize(b) for b in basis)
-        return orthonormalize(basis)
+        return basis.map(orthonormalize)
 
     def _record_stats(self, proj, index: int, G: Tensor, old, new, side: str, s: int, group: dict) -> None:
         new = self._orthonormal(proj, new)
@@ -552,11 +556,10 @@ class SubspaceOptimizer(Optimizer):
         if old is not None:
             old = self._orthonormal(proj, old)
             stats["energy_old_basis"] = torch.tensor(reference.captured_energy(G, old, side), dtype=torch.float32)
-            if side == "full":
-                stats["cosines"] = reference.principal_angle_cosines(old[0], new[0]).cpu()
-                stats["cosines_right"] = reference.principal_angle_cosines(old[1], new[1]).cpu()
-            else:
-                stats["cosines"] = reference.principal_angle_cosines(old, new).cpu()
+            # One entry per part: "cosines" for the one basis of a side (the left one of "full"),
+            # "cosines_right" for the right one of "full".
+            for key, P_old, P_new in zip(("cosines", "cosines_right"), old.parts, new.parts):
+                stats[key] = reference.principal_angle_cosines(P_old, P_new).cpu()
         self._stats[index] = stats
 
     @torch.no_grad()

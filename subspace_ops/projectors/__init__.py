@@ -12,6 +12,7 @@ from typing import Optional
 
 from .base import (  # noqa: F401
     PROJ_TYPES,
+    STATE_KEYS,
     Basis,
     Projector,
     basis_side,
@@ -25,7 +26,7 @@ from .base import (  # noqa: F401
     register,
 )
 from .svd import SVDProjector, exact_basis, svd_basis  # noqa: F401
-from .randomized import RandomizedProjector, randomized_basis, randomized_svd  # noqa: F401
+from .randomized import RandomizedProjector, _randomized, randomized_basis, randomized_svd  # noqa: F401
 from .online_pca import (  # noqa: F401
     ONLINE_PCA_ADAMW,
     OnlinePCAProjector,
@@ -55,7 +56,8 @@ SEEDED_PROJECTORS = ("gaussian", "srht")
 def compute_basis(G, rank: int, side: str, projector: str = "svd", *, previous=None, seed: int = 0,
                   oversample: int = 8, power_iters: int = 1):
     """A new basis for ``G`` from the named projector with a raw ``seed``, or None when no finite
-    one can be computed (a function form of ``get(projector).compute``, for benchmarks and tests)."""
+    one can be computed (a function form of ``get(projector).compute``, for benchmarks and tests).
+    Returns a Tensor for ``"left"`` / ``"right"``, ``(left, right)`` for ``"full"``."""
     proj = get(projector)
     if isinstance(proj, SeededProjector):
         m, n = G.shape
@@ -66,9 +68,12 @@ def compute_basis(G, rank: int, side: str, projector: str = "svd", *, previous=N
         if not bool(torch.isfinite(G).all()):
             return None
         try:
-            return finite_or_none(randomized_basis(G, rank, side, oversample=oversample, power_iters=power_iters,
-                                                   seed=seed, previous=previous))
+            basis = finite_or_none(_randomized(G, rank, side, oversample=oversample, power_iters=power_iters,
+                                               seed=seed, previous=previous))
         except torch.linalg.LinAlgError:
             return None
-    group = {"seed": seed, "oversample": oversample, "power_iters": power_iters}
-    return proj.compute(G, rank, side, group, index=0, step=0, previous=previous)
+    else:
+        group = {"seed": seed, "oversample": oversample, "power_iters": power_iters}
+        previous = None if previous is None else Basis.of(previous, side)
+        basis = proj.compute(G, rank, side, group, index=0, step=0, previous=previous)
+    return None if basis is None else Basis.of(basis, side).legacy()

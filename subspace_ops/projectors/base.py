@@ -13,8 +13,13 @@ Projectors are stateless objects; a matrix's basis lives in the optimizer's stat
 They report what changed as ``(old, new)`` bases and never call back into the optimizer: the
 optimizer decides what happens to its moments (kept, reset, transported).
 
-Bases: ``(m, r)`` for side ``"left"``, ``(n, r)`` for ``"right"``, the pair ``(left, right)`` for
-``"full"``, in the gradient's dtype; orthonormal columns unless ``orthonormal`` is False.
+Bases: a ``subspace_ops.basis.Basis`` (``(m, r)`` ``left`` for side ``"left"``, ``(n, r)`` ``right``
+for ``"right"``, both for ``"full"``), in the gradient's dtype; orthonormal columns unless
+``orthonormal`` is False. ``current`` and ``after_update`` return one, ``store`` takes one and keeps
+its parts as tensors under ``STATE_KEYS``. ``compute`` returns what the public basis functions return
+(``svd_basis``, ``compute_basis``): a Tensor for one side, a pair ``(left, right)`` for ``"full"``
+(tests and plug-ins wrap it as such); the optimizer reads it with ``Basis.of``, which also takes a
+``Basis``.
 """
 from __future__ import annotations
 
@@ -23,7 +28,10 @@ from typing import Dict, Optional, Type
 import torch
 from torch import Tensor
 
-from ..reference import Basis
+from ..basis import Basis
+
+# The state keys of a stored basis's parts, in ``Basis.parts`` order ("basis_right": "full" only).
+STATE_KEYS = ("basis", "basis_right")
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
@@ -41,18 +49,12 @@ def basis_side(proj_type: str, m: int, n: int) -> str:
 
 def lowrank_shape(side: str, m: int, n: int, rank: int) -> tuple:
     """Shape of the projected gradient (and of the low-rank moments)."""
-    r = effective_rank(rank, m, n)
-    return {"left": (r, n), "right": (m, r), "full": (r, r)}[side]
+    return Basis.lowrank_shape_of(side, m, n, effective_rank(rank, m, n))
 
 
 def effective_rank(rank: int, m: int, n: int) -> int:
     """A rank at or above min(m, n) runs as full rank."""
     return min(rank, m, n)
-
-
-def _finite(basis: Basis) -> bool:
-    parts = basis if isinstance(basis, tuple) else (basis,)
-    return all(bool(torch.isfinite(b).all()) for b in parts)
 
 
 def orthonormalize(P: Tensor) -> Tensor:
@@ -127,28 +129,25 @@ class Projector:
         return (s + state["refresh_offset"].item()) % group["update_proj_gap"] == 0
 
     def current(self, state: dict, group: dict, side: str, G: Tensor, index: int):
-        """The basis in use, or None before the first refresh."""
+        """The basis in use (a ``Basis``), or None before the first refresh."""
         if "basis" not in state:
             return None
-        return (state["basis"], state["basis_right"]) if side == "full" else state["basis"]
+        return Basis.from_parts(side, (state["basis"], state.get("basis_right")))
 
     def compute(self, G: Tensor, rank: int, side: str, group: dict, *, index: int, step: int,
                 previous=None):
-        """A new basis for ``G`` (m x n), or None when no finite one can be computed from it."""
+        """A new basis for ``G`` (m x n), or None when no finite one can be computed from it: a Tensor
+        for side "left" / "right", ``(left, right)`` for "full" (a ``Basis`` is accepted too: the
+        optimizer reads either with ``Basis.of``). ``previous``: the ``Basis`` in use, or None."""
         raise NotImplementedError
 
     def store(self, state: dict, basis, side: str, step: int) -> None:
-        """Keep ``basis`` (what ``current`` returns from now on) in the optimizer's state."""
-        if side == "full":
-            state["basis"], state["basis_right"] = basis
-        else:
-            state["basis"] = basis
+        """Keep ``basis`` (a ``Basis``: what ``current`` returns from now on) in the optimizer's state."""
+        state.update(zip(STATE_KEYS, basis.parts))
 
     def state_shapes(self, side: str, m: int, n: int, rank: int) -> dict:
         """The projector's state keys and their shapes once a basis exists (checked at load)."""
-        shapes = {"left": {"basis": (m, rank)}, "right": {"basis": (n, rank)},
-                  "full": {"basis": (m, rank), "basis_right": (n, rank)}}
-        return shapes[side]
+        return {k: (rows, rank) for k, rows in zip(STATE_KEYS, Basis.part_rows(side, m, n))}
 
     def after_update(self, state: dict, G: Tensor, basis, group: dict, side: str, *, index: int, step: int):
         """A step of the projector's own after the weight update: ``(old, new, on_schedule)`` when
@@ -178,5 +177,6 @@ def names() -> tuple:
     return tuple(_REGISTRY)
 
 
-def finite_or_none(basis):
-    return basis if basis is not None and _finite(basis) else None
+def finite_or_none(basis: Optional[Basis]) -> Optional[Basis]:
+    """``basis`` (a ``Basis``) when every part is finite, else None."""
+    return basis if basis is not None and basis.is_finite() else None

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import Projector, orthonormalize, register
+from .base import STATE_KEYS, Basis, Projector, orthonormalize, register
 from .svd import exact_basis
 
 
@@ -108,17 +108,16 @@ class OnlinePCAProjector(Projector):
         super().store(state, basis, side, step)
         if "proj_step" in state:
             return
-        parts = basis if side == "full" else (basis,)
-        for suffix, P in zip(("", "_right"), parts):
+        for suffix, P in zip(("", "_right"), basis.parts):
             state["proj_exp_avg" + suffix] = torch.zeros(P.shape, dtype=torch.float32, device=P.device)
             state["proj_exp_avg_sq" + suffix] = torch.zeros(P.shape, dtype=torch.float32, device=P.device)
         state["proj_step"] = torch.zeros((), dtype=torch.float32)
 
     def state_shapes(self, side, m, n, rank):
         shapes = dict(super().state_shapes(side, m, n, rank))
-        shapes["proj_exp_avg"] = shapes["proj_exp_avg_sq"] = shapes["basis"]
-        if side == "full":
-            shapes["proj_exp_avg_right"] = shapes["proj_exp_avg_sq_right"] = shapes["basis_right"]
+        for suffix, key in zip(("", "_right"), STATE_KEYS):
+            if key in shapes:
+                shapes["proj_exp_avg" + suffix] = shapes["proj_exp_avg_sq" + suffix] = shapes[key]
         shapes["proj_step"] = ()
         return shapes
 
@@ -127,19 +126,14 @@ class OnlinePCAProjector(Projector):
         lr0 = _float(group.get("initial_lr", lr))
         lr_proj = (lr / lr0 if lr0 != 0.0 else 0.0) / group["update_proj_gap"]
         t = int(state["proj_step"].item()) + 1
-        if side == "full":
-            new_l = online_pca_update(basis[0], G, state["proj_exp_avg"], state["proj_exp_avg_sq"], t, lr_proj, "left")
-            if new_l is None:
-                return None
-            new_r = online_pca_update(basis[1], G, state["proj_exp_avg_right"], state["proj_exp_avg_sq_right"], t,
-                                      lr_proj, "right")
-            if new_r is None:
-                return None
-            new = (new_l, new_r)
-        else:
-            new = online_pca_update(basis, G, state["proj_exp_avg"], state["proj_exp_avg_sq"], t, lr_proj, side)
+        parts = []  # each part takes its own step, on its own side ("full": left, then right)
+        for suffix, part_side, P in zip(("", "_right"), Basis.part_sides(side), basis.parts):
+            new = online_pca_update(P, G, state["proj_exp_avg" + suffix], state["proj_exp_avg_sq" + suffix], t,
+                                    lr_proj, part_side)
             if new is None:
                 return None
+            parts.append(new)
+        new = Basis.from_parts(side, parts)
         super().store(state, new, side, step)
         state["proj_step"].fill_(t)
         on_schedule = (step + state["refresh_offset"].item()) % group["update_proj_gap"] == 0

@@ -52,21 +52,29 @@ def randomized_basis(
     oversample: int = 8,
     power_iters: int = 1,
     seed: int = 0,
-    previous: Optional[Basis] = None,
-) -> Basis:
-    """Basis from the randomized range finder, warm-started from ``previous`` when given."""
+    previous=None,
+):
+    """Basis from the randomized range finder, warm-started from ``previous`` (a ``Basis``, or a
+    Tensor / pair as returned) when given; a Tensor for ``"left"`` / ``"right"``, ``(left, right)``
+    for ``"full"`` (``_randomized`` gives the ``Basis``)."""
+    return _randomized(G, rank, side, oversample=oversample, power_iters=power_iters, seed=seed,
+                       previous=previous).legacy()
+
+
+def _randomized(G: Tensor, rank: int, side: str, *, oversample: int, power_iters: int, seed: int,
+                previous=None) -> Basis:
     opts = dict(oversample=oversample, power_iters=power_iters, seed=seed)
     def own(x: Tensor) -> Tensor:
         return x.to(G.dtype, memory_format=torch.contiguous_format, copy=True)
 
+    # The sketch runs on G for a left or full basis and on Gᵀ for a right one, warm-started from the
+    # previous basis's part on that side (its first part).
+    warm = None if previous is None else Basis.of(previous, side).parts[0]
     if side == "right":
-        U, _ = randomized_svd(G.mT, rank, warm=previous, **opts)
-        return own(U)
-    warm = previous[0] if isinstance(previous, tuple) else previous
+        U, _ = randomized_svd(G.mT, rank, warm=warm, **opts)
+        return Basis("right", None, own(U))
     U, Vh = randomized_svd(G, rank, warm=warm, **opts)
-    if side == "left":
-        return own(U)
-    return own(U), own(Vh.mT)
+    return Basis.pick(side, U, Vh.mT).map(own)
 
 
 @register
@@ -87,9 +95,9 @@ class RandomizedProjector(Projector):
         if not bool(torch.isfinite(G).all()):
             return None
         try:
-            basis = randomized_basis(G, rank, side, oversample=group["oversample"],
-                                     power_iters=group["power_iters"],
-                                     seed=parameter_seed(group["seed"], index, step), previous=previous)
+            basis = _randomized(G, rank, side, oversample=group["oversample"], power_iters=group["power_iters"],
+                                seed=parameter_seed(group["seed"], index, step), previous=previous)
         except torch.linalg.LinAlgError:
             return None
-        return finite_or_none(basis)
+        basis = finite_or_none(basis)
+        return None if basis is None else basis.legacy()

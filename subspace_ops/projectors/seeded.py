@@ -119,17 +119,21 @@ def srht_basis(rows: int, rank: int, seed: int, *, dtype=torch.float32, device=N
 
 def seeded_basis(
     projector: str, m: int, n: int, rank: int, side: str, seed: int, *, dtype=torch.float32, device=None
-) -> Basis:
-    """The ``"gaussian"`` or ``"srht"`` basis of an (m x n) matrix for ``side``, from ``seed`` alone."""
+):
+    """The ``"gaussian"`` or ``"srht"`` basis of an (m x n) matrix for ``side``, from ``seed`` alone: a
+    Tensor for ``"left"`` / ``"right"``, ``(left, right)`` for ``"full"`` (``_seeded`` gives the ``Basis``)."""
+    return _seeded(projector, m, n, rank, side, seed, dtype=dtype, device=device).legacy()
+
+
+def _seeded(projector: str, m: int, n: int, rank: int, side: str, seed: int, *, dtype, device) -> Basis:
     make = {"gaussian": gaussian_basis, "srht": srht_basis}.get(projector)
     if make is None:
         raise ValueError(f"unknown seeded projector {projector!r}; expected one of ('gaussian', 'srht')")
-    left_seed, right_seed = side_seeds(seed)
-    if side == "left":
-        return make(m, rank, left_seed, dtype=dtype, device=device)
-    if side == "right":
-        return make(n, rank, left_seed, dtype=dtype, device=device)
-    return make(m, rank, left_seed, dtype=dtype, device=device), make(n, rank, right_seed, dtype=dtype, device=device)
+    # The first part (the only one of a one-sided basis) takes the parameter seed, the right part of
+    # "full" the second of ``side_seeds``.
+    seeds = side_seeds(seed)
+    return Basis.from_parts(side, [make(rows, rank, s, dtype=dtype, device=device)
+                                   for rows, s in zip(Basis.part_rows(side, m, n), seeds)])
 
 
 class SeededProjector(Projector):
@@ -145,13 +149,13 @@ class SeededProjector(Projector):
             return None
         m, n = G.shape
         seed = parameter_seed(group["seed"], index, int(state["basis_step"]))
-        return seeded_basis(self.name, m, n, effective_rank(group["rank"], m, n), side, seed,
-                            dtype=G.dtype, device=G.device)
+        return _seeded(self.name, m, n, effective_rank(group["rank"], m, n), side, seed,
+                       dtype=G.dtype, device=G.device)
 
     def compute(self, G, rank, side, group, *, index, step, previous=None):
         m, n = G.shape
         seed = parameter_seed(group["seed"], index, step)
-        return seeded_basis(self.name, m, n, rank, side, seed, dtype=G.dtype, device=G.device)
+        return _seeded(self.name, m, n, rank, side, seed, dtype=G.dtype, device=G.device).legacy()
 
     def store(self, state, basis, side, step):
         state["basis_step"] = torch.tensor(step, dtype=torch.int64)

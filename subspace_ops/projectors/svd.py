@@ -7,14 +7,19 @@ from torch import Tensor
 from .base import Basis, Projector, finite_or_none, register
 
 
-def svd_basis(G: Tensor, rank: int, side: str) -> Basis:
-    """Exactly galore-torch's basis: ``torch.linalg.svd(G.float(), full_matrices=False)``."""
+def svd_basis(G: Tensor, rank: int, side: str):
+    """Exactly galore-torch's basis: ``torch.linalg.svd(G.float(), full_matrices=False)``; a Tensor
+    for side ``"left"`` / ``"right"``, ``(left, right)`` for ``"full"`` (``_svd`` gives the ``Basis``)."""
+    return _svd(G, rank, side).legacy()
+
+
+def _svd(G: Tensor, rank: int, side: str) -> Basis:
     U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
     # Contiguous copies: a slice would keep the whole U / Vh alive in optimizer state (and in
     # every checkpoint, since torch.save stores a view's full storage).
     left = U[:, :rank].to(G.dtype, memory_format=torch.contiguous_format, copy=True)
     right = Vh[:rank].mT.to(G.dtype, memory_format=torch.contiguous_format, copy=True)
-    return {"left": left, "right": right, "full": (left, right)}[side]
+    return Basis.pick(side, left, right)
 
 
 def exact_basis(G: Tensor, rank: int, side: str):
@@ -22,9 +27,10 @@ def exact_basis(G: Tensor, rank: int, side: str):
     if not bool(torch.isfinite(G).all()):
         return None
     try:
-        return finite_or_none(svd_basis(G, rank, side))
+        basis = finite_or_none(_svd(G, rank, side))
     except torch.linalg.LinAlgError:
         return None
+    return None if basis is None else basis.legacy()
 
 
 @register
