@@ -275,6 +275,9 @@ def _split_by_backend(backend, Ws):
     """None when every tensor of the list resolves to one backend (the usual case), else
     ``[(backend, indices), ...]``: with ``auto`` a float64 or CPU weight takes the reference while the
     rest of its batch takes the kernels. Resolved once per (device, dtype)."""
+    dtype, device = Ws[0].dtype, Ws[0].device
+    if all(W.dtype == dtype and W.device == device for W in Ws):  # one compare per matrix (host cost)
+        return None
     seen, out = {}, {}
     for i, W in enumerate(Ws):
         key = (W.device, W.dtype)
