@@ -182,6 +182,25 @@ class SubspaceOptimizer(Optimizer):
             param_group["betas"] = tuple(param_group["betas"])
         validate_hyperparameters(param_group)
         super().add_param_group(param_group)
+        self._reject_sharded(self.param_groups[-1])
+
+    def _reject_sharded(self, group: dict) -> None:
+        """DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) are not supported yet: say
+        so here, naming the parameter and its placement, instead of failing inside torch at the first
+        step ("got mixed torch.Tensor and DTensor")."""
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # a torch built without distributed
+            return
+        start = sum(len(g["params"]) for g in self.param_groups[:-1])
+        for i, p in enumerate(group["params"]):
+            if isinstance(p, DTensor):
+                raise ValueError(
+                    f"{type(self).__name__}: parameter {start + i} (shape {tuple(p.shape)}) is a DTensor with "
+                    f"placements {tuple(p.placements)} (FSDP2's fully_shard or tensor parallelism), which this "
+                    "version does not support; wrap the model in torch.nn.parallel.DistributedDataParallel "
+                    "instead (supported, tests/test_ddp.py)"
+                )
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
