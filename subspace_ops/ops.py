@@ -271,13 +271,13 @@ def _device_hyper(step_size, lr, step, bias_correction, beta1, beta2, correct_bi
                        weight_decay=weight_decay if weight_decay > 0.0 else 0.0)
 
 
-def _split_by_backend(backend, Ws):
-    """None when every tensor of the list resolves to one backend (the usual case), else
-    ``[(backend, indices), ...]``: with ``auto`` a float64 or CPU weight takes the reference while the
-    rest of its batch takes the kernels. Resolved once per (device, dtype)."""
+def _resolve(backend, Ws) -> tuple:
+    """``(backend, None)`` when every tensor of the list resolves to one backend (the usual case),
+    else ``(None, [(backend, indices), ...])``: with ``auto`` a float64 or CPU weight takes the
+    reference while the rest of its batch takes the kernels. Resolved once per (device, dtype)."""
     dtype, device = Ws[0].dtype, Ws[0].device
     if all(W.dtype == dtype and W.device == device for W in Ws):  # one compare per matrix (host cost)
-        return None
+        return resolve_backend(backend, Ws[0]), None
     seen, out = {}, {}
     for i, W in enumerate(Ws):
         key = (W.device, W.dtype)
@@ -285,7 +285,37 @@ def _split_by_backend(backend, Ws):
         if be is None:
             be = seen[key] = resolve_backend(backend, W)
         out.setdefault(be, []).append(i)
-    return None if len(out) <= 1 else list(out.items())
+    if len(out) == 1:
+        return next(iter(out)), None
+    return None, list(out.items())
+
+
+def _update_scalars(step_size, lr, step, bias_correction, beta1, beta2, correct_bias, scale, weight_decay):
+    """``(device_hyper, alpha, decay)`` of a weight-update launch: host scalars ``alpha = -step·scale``
+    and ``decay = -lr·wd`` (0 skips it), or a DeviceHyper the kernel forms them from."""
+    dh = _device_hyper(step_size, lr, step, bias_correction, beta1, beta2, correct_bias, scale, weight_decay)
+    if dh is not None:
+        return dh, 0.0, 0.0
+    return None, -step_size * scale, (-lr * weight_decay if weight_decay > 0.0 else 0.0)
+
+
+def _plan_one_side(Ws, Gs, Ps, Ms, Vs):
+    """(low-rank shape, chunks) of a one-sided grouped step: matrices of one layout per launch, the
+    stacked intermediate (low-rank shape, basis dtype) within the workspace cap."""
+    keys = [_layout(W, G, P, M, V) for W, G, P, M, V in zip(Ws, Gs, Ps, Ms, Vs)]
+    low = tuple(Ms[0].shape)
+    return low, _chunks(len(Ws), keys, Ps[0].element_size() * low[0] * low[1])
+
+
+def _plan_full(Ws, Gs, Pls, Prs, Ms, Vs):
+    """((m, n, r1, r2), chunks) of a "full" grouped step: its intermediates are T (r1 x n, fp32), the
+    r1 x r2 direction (fp32) and Y (m x r2, basis dtype)."""
+    keys = [_layout(W, G, Pl, M, V) + (Pr.shape, Pr.stride(), Pr.dtype)
+            for W, G, Pl, Pr, M, V in zip(Ws, Gs, Pls, Prs, Ms, Vs)]
+    m, n = Ws[0].shape
+    r1, r2 = Pls[0].shape[1], Prs[0].shape[1]
+    per = 4 * (r1 * n + r1 * r2) + Prs[0].element_size() * m * r2
+    return (m, n, r1, r2), _chunks(len(Ws), keys, per)
 
 
 def _pick(seq, idx):
@@ -337,14 +367,14 @@ def galore_matrices_step_(
     hyper = dict(beta1=beta1, beta2=beta2, eps=eps)
     if not Ws:
         return
-    split = _split_by_backend(backend, Ws)
+    be, split = _resolve(backend, Ws)
     if split is not None:
         for be, idx in split:
             galore_matrices_step_(*(list(_pick(x, idx)) for x in (Ws, Gs, bases, Ms, Vs)), backend=be, side=side,
                                   step_size=step_size, scale=scale, lr=lr, weight_decay=weight_decay, step=step,
                                   bias_correction=bias_correction, correct_bias=correct_bias, **hyper)
         return
-    if resolve_backend(backend, Ws[0]) == "reference":
+    if be == "reference":
         step_size, lr = _host_step_size(step_size, lr, step, bias_correction, beta1, beta2, correct_bias)
         update = dict(step_size=step_size, scale=scale, lr=lr, weight_decay=weight_decay)
         for W, G, basis, M, V in zip(Ws, Gs, bases, Ms, Vs):
@@ -354,41 +384,31 @@ def galore_matrices_step_(
     from .kernels import project as _kproject
     from .kernels._common import workspace
 
-    dh = _device_hyper(step_size, lr, step, bias_correction, beta1, beta2, correct_bias, scale, weight_decay)
-    alpha = decay = 0.0
-    if dh is None:
-        alpha = -step_size * scale
-        decay = -lr * weight_decay if weight_decay > 0.0 else 0.0
+    dh, alpha, decay = _update_scalars(step_size, lr, step, bias_correction, beta1, beta2, correct_bias, scale,
+                                       weight_decay)
     if side == "full":  # the kernel composition needs the two parts apart: a GEMM on each side
         Pls, Prs = [b.left for b in bases], [b.right for b in bases]
-        keys = [_layout(W, G, Pl, M, V) + (Pr.shape, Pr.stride(), Pr.dtype)
-                for W, G, Pl, Pr, M, V in zip(Ws, Gs, Pls, Prs, Ms, Vs)]
-        m, n = Ws[0].shape
-        r1, r2 = Pls[0].shape[1], Prs[0].shape[1]
-        per = 4 * (r1 * n + r1 * r2) + Prs[0].element_size() * m * r2
-        for idx in _chunks(len(Ws), keys, per):
-            W0, Pr0 = Ws[idx[0]], Prs[idx[0]]
-            dev = W0.device
+        (m, n, r1, r2), chunks = _plan_full(Ws, Gs, Pls, Prs, Ms, Vs)
+        for idx in chunks:
+            Pr0 = Prs[idx[0]]
+            dev = Pr0.device
             Ts = workspace("galore.T", len(idx), (r1, n), torch.float32, dev)
             Ns = workspace("galore.N_full", len(idx), (r1, r2), torch.float32, dev)
             Ys = workspace("galore.Y", len(idx), (m, r2), _product_dtype(Pr0), dev)
             _project_group(_pick(Gs, idx), _pick(Pls, idx), "left", _kproject.STORE, Ts)
-            _project_group(Ts, _pick(Prs, idx), "right", _kproject.ADAM, Ns,
-                                   Ms=_pick(Ms, idx), Vs=_pick(Vs, idx), **hyper)
+            _project_group(Ts, _pick(Prs, idx), "right", _kproject.ADAM, Ns, Ms=_pick(Ms, idx), Vs=_pick(Vs, idx),
+                           **hyper)
             _back_project_group(Ns, _pick(Pls, idx), "left", Ys, 0.0, 0.0, _kback.STORE, None)
             _back_project_group(Ys, _pick(Prs, idx), "right", _pick(Ws, idx), alpha, decay, _kback.UPDATE,
                                 Pr0.dtype, device_hyper=dh)
         return
     bases = [b.parts[0] for b in bases]  # one side: its one tensor
-    keys = [_layout(W, G, P, M, V) for W, G, P, M, V in zip(Ws, Gs, bases, Ms, Vs)]
-    low = tuple(Ms[0].shape)
-    per = bases[0].element_size() * low[0] * low[1]
-    for idx in _chunks(len(Ws), keys, per):
+    low, chunks = _plan_one_side(Ws, Gs, bases, Ms, Vs)
+    for idx in chunks:
         P0 = bases[idx[0]]
         Ns = workspace("galore.N", len(idx), low, _product_dtype(P0), P0.device)
         Ps = _pick(bases, idx)
-        _project_group(_pick(Gs, idx), Ps, side, _kproject.ADAM, Ns,
-                               Ms=_pick(Ms, idx), Vs=_pick(Vs, idx), **hyper)
+        _project_group(_pick(Gs, idx), Ps, side, _kproject.ADAM, Ns, Ms=_pick(Ms, idx), Vs=_pick(Vs, idx), **hyper)
         _back_project_group(Ns, Ps, side, _pick(Ws, idx), alpha, decay, _kback.UPDATE, P0.dtype, device_hyper=dh)
 
 
@@ -453,7 +473,7 @@ def snsm_matrices_step_(
     bases = _step_bases(bases, side)
     if not Ws:
         return
-    split = _split_by_backend(backend, Ws)
+    be, split = _resolve(backend, Ws)
     if split is not None:
         for be, idx in split:
             snsm_matrices_step_(*(list(_pick(x, idx)) for x in (Ws, Gs, bases, Ms, Vs)), backend=be, side=side,
@@ -461,7 +481,7 @@ def snsm_matrices_step_(
                                 weight_decay=weight_decay, step=step, bias_correction=bias_correction,
                                 correct_bias=correct_bias)
         return
-    if resolve_backend(backend, Ws[0]) == "reference":
+    if be == "reference":
         step_size, lr = _host_step_size(step_size, lr, step, bias_correction, beta1, beta2, correct_bias)
         hyper = dict(step_size=step_size, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
         for W, G, basis, M, V in zip(Ws, Gs, bases, Ms, Vs):
@@ -472,19 +492,13 @@ def snsm_matrices_step_(
     from .kernels import subset_norm as _ksn
     from .kernels._common import workspace
 
-    dh = _device_hyper(step_size, lr, step, bias_correction, beta1, beta2, correct_bias, 1.0, weight_decay)
-    alpha = decay = 0.0
-    if dh is None:
-        alpha = -step_size
-        decay = -lr * weight_decay if weight_decay > 0.0 else 0.0
+    dh, alpha, decay = _update_scalars(step_size, lr, step, bias_correction, beta1, beta2, correct_bias, 1.0,
+                                       weight_decay)
     m, n = Ws[0].shape
     if side == "full":  # the kernel composition needs the two parts apart: a GEMM on each side
         Pls, Prs = [b.left for b in bases], [b.right for b in bases]
-        keys = [_layout(W, G, Pl, M, V) + (Pr.shape, Pr.stride(), Pr.dtype)
-                for W, G, Pl, Pr, M, V in zip(Ws, Gs, Pls, Prs, Ms, Vs)]
-        r1, r2 = Pls[0].shape[1], Prs[0].shape[1]
-        per = 4 * (r1 * n + r1 * r2) + Prs[0].element_size() * m * r2
-        for idx in _chunks(len(Ws), keys, per):
+        (m, n, r1, r2), chunks = _plan_full(Ws, Gs, Pls, Prs, Ms, Vs)
+        for idx in chunks:
             Pr0 = Prs[idx[0]]
             dev = Pr0.device
             for i in idx:
@@ -493,28 +507,25 @@ def snsm_matrices_step_(
             Ds = workspace("snsm.D_full", len(idx), (r1, r2), torch.float32, dev)
             Ys = workspace("snsm.Y", len(idx), (m, r2), _product_dtype(Pr0), dev)
             _project_group(_pick(Gs, idx), _pick(Pls, idx), "left", _kproject.STORE, Ts)
-            _project_group(Ts, _pick(Prs, idx), "right", _kproject.MOMENTUM, Ds, Ms=_pick(Ms, idx),
-                                   beta1=beta1)
+            _project_group(Ts, _pick(Prs, idx), "right", _kproject.MOMENTUM, Ds, Ms=_pick(Ms, idx), beta1=beta1)
             _back_project_group(Ds, _pick(Pls, idx), "left", Ys, 0.0, 0.0, _kback.STORE, None)
             _back_project_group(Ys, _pick(Prs, idx), "right", _pick(Ws, idx), alpha, decay, _kback.SNSM_UPDATE,
                                 Pr0.dtype, Gs=_pick(Gs, idx), Vs=_pick(Vs, idx), eps=eps, device_hyper=dh)
         return
     bases = [b.parts[0] for b in bases]  # one side: its one tensor
-    keys = [_layout(W, G, P, M, V) for W, G, P, M, V in zip(Ws, Gs, bases, Ms, Vs)]
-    low = tuple(Ms[0].shape)
-    per = bases[0].element_size() * low[0] * low[1]
+    low, chunks = _plan_one_side(Ws, Gs, bases, Ms, Vs)
     # The fused sum of squares for 16-bit gradients; fp32 ones take the standalone pass (fused into
     # the fp32 FMA GEMM it spills registers on sm_80: python -m bench --compile-only sm_80).
     fused_v = tuple(Vs[0].shape) == ((m, 1) if side == "right" else (1, n)) and Gs[0].dtype != torch.float32
-    for idx in _chunks(len(Ws), keys, per):
+    for idx in chunks:
         P0 = bases[idx[0]]
         Ds = workspace("snsm.D", len(idx), low, _product_dtype(P0), P0.device)
         Ps, Gi, Vi = _pick(bases, idx), _pick(Gs, idx), _pick(Vs, idx)
         if not fused_v:
             for G, V in zip(Gi, Vi):
                 _ksn.subset_norm_(G, V, beta2=beta2)
-        _project_group(Gi, Ps, side, _kproject.MOMENTUM, Ds, Ms=_pick(Ms, idx),
-                               Vsums=Vi if fused_v else None, beta1=beta1, beta2=beta2)
+        _project_group(Gi, Ps, side, _kproject.MOMENTUM, Ds, Ms=_pick(Ms, idx), Vsums=Vi if fused_v else None,
+                       beta1=beta1, beta2=beta2)
         _back_project_group(Ds, Ps, side, _pick(Ws, idx), alpha, decay, _kback.SNSM_UPDATE, P0.dtype,
                             Gs=Gi, Vs=Vi, eps=eps, device_hyper=dh)
 
@@ -578,14 +589,14 @@ def adam_steps_(
     """``adam_step_`` for many tensors; Triton: one multi-tensor launch per (W dtype, G dtype)."""
     if not Ws:
         return
-    split = _split_by_backend(backend, Ws)
+    be, split = _resolve(backend, Ws)
     if split is not None:
         for be, idx in split:
             adam_steps_(*(list(_pick(x, idx)) for x in (Ws, Gs, Ms, Vs)), backend=be, step_size=step_size, lr=lr,
                         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
                         bias_correction=bias_correction, correct_bias=correct_bias)
         return
-    if resolve_backend(backend, Ws[0]) == "reference":
+    if be == "reference":
         step_size, lr = _host_step_size(step_size, lr, step, bias_correction, beta1, beta2, correct_bias)
         hyper = dict(step_size=step_size, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
         for W, G, M, V in zip(Ws, Gs, Ms, Vs):

@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from .. import ops, reference
 from .. import projectors
 from ..basis import Basis
-from ..projectors import PROJ_TYPES, basis_side, effective_rank, orthonormalize, parameter_seed  # noqa: F401
+from ..projectors import PROJ_TYPES, basis_side, effective_rank, orthonormalize
 
 # The optimizers' own state that is fp32 whatever the parameter's dtype (see load_state_dict): the
 # low-rank moments. Each projector adds its own (``Projector.fp32_state``).
@@ -222,13 +222,13 @@ class SubspaceOptimizer(Optimizer):
         saved = state_dict["state"]
         stats = state_dict.get(STATS_KEY, {})
         ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
-        self._check_loaded_state(state_dict, ids)
+        self._check_loaded_state(state_dict)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != STATS_KEY})
-        params = [p for group in self.param_groups for p in group["params"]]
-        for pid, p in zip(ids, params):
+        params = [(group, p) for group in self.param_groups for p in group["params"]]
+        for pid, (group, p) in zip(ids, params):
             if pid not in saved or p not in self.state:
                 continue
-            fp32 = FP32_STATE + self._projector_fp32_state(p)
+            fp32 = FP32_STATE + (projectors.get(group["projector"]).fp32_state if "rank" in group else ())
             for key, value in saved[pid].items():
                 if key in fp32:
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
@@ -240,7 +240,7 @@ class SubspaceOptimizer(Optimizer):
         """The optimizer's own state keys of a low-rank matrix and their shapes (checked at load)."""
         raise NotImplementedError
 
-    def _check_loaded_state(self, state_dict: dict, ids: list) -> None:
+    def _check_loaded_state(self, state_dict: dict) -> None:
         """Before anything is loaded: every low-rank parameter's saved state must be what this
         optimizer and the group's projector keep for it, or a ValueError names the parameter and the
         problem (instead of a shape error deep in the math at the next step)."""
@@ -287,12 +287,6 @@ class SubspaceOptimizer(Optimizer):
                             f"side {side!r} keeps {tuple(shape)}; the checkpoint comes from another "
                             "optimizer, rank or proj_type"
                         )
-
-    def _projector_fp32_state(self, p: Tensor) -> tuple:
-        for group in self.param_groups:
-            if "rank" in group and any(q is p for q in group["params"]):
-                return projectors.get(group["projector"]).fp32_state
-        return ()
 
     # -- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
