@@ -1,8 +1,6 @@
 """DDP keeps working: a DistributedDataParallel model over 2 gloo processes on CPU, stepped by the
 subspace optimizers, equals one process on the whole batch (float64, so the all-reduce's summation
 order moves gradients by ~1e-16 and an exact SVD's subspace cannot jump between the runs)."""
-import os
-
 import pytest
 import torch
 import torch.distributed as dist

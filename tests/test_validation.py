@@ -85,8 +85,6 @@ def test_bad_backend_env_var(monkeypatch):
 # load_state_dict checks each low-rank parameter's state before accepting it
 # ---------------------------------------------------------------------------------------------------
 def _trained(cls, rank=2, steps=2):
-    from subspace_ops import AdamSNSM  # noqa: F401
-
     W, b = torch.nn.Parameter(torch.randn(8, 6)), torch.nn.Parameter(torch.randn(6))
     opt = cls([{"params": [W], "rank": rank}, {"params": [b]}], lr=1e-2)
     for _ in range(steps):

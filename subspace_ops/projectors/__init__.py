@@ -8,8 +8,6 @@ projector"); the optimizers never name a projector.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from .base import (  # noqa: F401
     PROJ_TYPES,
     STATE_KEYS,
