@@ -120,7 +120,8 @@ class Basis:
                 self.right.shape[1] if self.right is not None else n)
 
     def is_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.parts)
+        # Meta tensors (memory estimates: bench/memory.py) have no values to check: taken as finite.
+        return all(p.device.type == "meta" or bool(torch.isfinite(p).all()) for p in self.parts)
 
     # -- the math (the reference's: fp32, float64 for float64) -----------------------------------
     def project(self, G: Tensor) -> Tensor:
@@ -143,15 +144,22 @@ class Basis:
             X = X @ self.right.to(dtype).mT
         return X
 
-    def transport_(self, M: Tensor, V: Optional[Tensor], new: "Basis") -> None:
+    def transport_(self, M: Tensor, V: Optional[Tensor], new: "Basis", comm=None) -> None:
         """Carry low-rank moments from this basis into ``new``, in place (``reference.transport_moments_``):
         ``M ← Cl M Crᵀ`` with ``C = P_newᵀ P_old`` on each side the basis has, ``V`` likewise with
-        ``C∘C``, clamped ≥ 0."""
+        ``C∘C``, clamped ≥ 0. ``comm``: the left parts' rows are sharded (``subspace_ops.distributed``):
+        ``Cl`` is summed over ranks; the moments' own layout needs nothing more."""
+        # C in the bases' width (float64 stays float64), then rounded once to the moments' dtype: a sum
+        # over sharded rows then rounds like the whole one.
+        wide = torch.float64 if self.dtype == torch.float64 else torch.float32
         Cl = Cr = None
         if self.left is not None:
-            Cl = new.left.to(M.dtype).mT @ self.left.to(M.dtype)
+            Cl = new.left.to(wide).mT @ self.left.to(wide)
+            if comm is not None:
+                Cl = comm.sum_(Cl)
+            Cl = Cl.to(M.dtype)
         if self.right is not None:
-            Cr = new.right.to(M.dtype).mT @ self.right.to(M.dtype)
+            Cr = (new.right.to(wide).mT @ self.right.to(wide)).to(M.dtype)
         M.copy_(_sandwich(Cl, M, Cr))
         if V is not None:
             V.copy_(_sandwich(None if Cl is None else Cl * Cl, V, None if Cr is None else Cr * Cr).clamp_(min=0.0))

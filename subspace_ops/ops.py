@@ -449,6 +449,63 @@ def galore_matrix_step_(
                           step=step, bias_correction=bias_correction, correct_bias=correct_bias)
 
 
+def back_updates_(
+    Ws,
+    Ns,
+    bases,
+    *,
+    backend: Optional[str] = None,
+    side: str,
+    step_size: Optional[float],
+    scale: float,
+    lr: Union[float, Tensor],
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float = 0.0,
+    step: Optional[Tensor] = None,
+    bias_correction: Optional[float] = None,
+    correct_bias: bool = True,
+) -> None:
+    """``W ← (W − step·scale·back(N))·(1 − lr·wd)`` for matrices whose low-rank Adam direction ``N``
+    is already known (the second half of ``galore_matrices_step_``): FSDP2's row-sharded left side,
+    where N comes from moments split over ranks. ``eps`` is accepted and unused (the step's
+    hyperparameters pass through as they are).
+
+    Triton: the back-projection kernel with the weight update in its epilogue, per matrix (side
+    "full": ``Y = Pl N`` first, in the basis dtype, then ``Y Prᵀ`` with the update). Reference:
+    ``reference.apply_update_`` of ``Basis.back(N)``."""
+    bases = _step_bases(bases, side)
+    if not Ws:
+        return
+    be, split = _resolve(backend, Ws)
+    hyper = dict(side=side, step_size=step_size, scale=scale, lr=lr, beta1=beta1, beta2=beta2,
+                 weight_decay=weight_decay, step=step, bias_correction=bias_correction, correct_bias=correct_bias)
+    if split is not None:
+        for be, idx in split:
+            back_updates_(*(list(_pick(x, idx)) for x in (Ws, Ns, bases)), backend=be, **hyper)
+        return
+    if be == "reference":
+        step_size, lr = _host_step_size(step_size, lr, step, bias_correction, beta1, beta2, correct_bias)
+        for W, N, basis in zip(Ws, Ns, bases):
+            reference.apply_update_(W, basis.back(N), step_size, scale, lr, weight_decay)
+        return
+    from .kernels import backproject as _kback
+
+    dh, alpha, decay = _update_scalars(step_size, lr, step, bias_correction, beta1, beta2, correct_bias, scale,
+                                       weight_decay)
+    for W, N, basis in zip(Ws, Ns, bases):
+        last = basis.parts[-1]
+        if side == "full":
+            Y = torch.empty((W.shape[0], N.shape[1]), dtype=_product_dtype(last), device=W.device)
+            _kback.launch_group([N.to(basis.left.dtype).contiguous()], [basis.left], "left", [Y], 0.0, 0.0,
+                                _kback.STORE, None)
+            N, side_last = Y, "right"
+        else:
+            N, side_last = N.to(_product_dtype(last)).contiguous(), side
+        _kback.launch_group([N], [last], side_last, [W], alpha, decay, _kback.UPDATE, last.dtype, device_hyper=dh)
+
+
 def snsm_matrices_step_(
     Ws,
     Gs,

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .basis import Basis
+from .distributed import LOCAL
 
 BasisLike = Union[Basis, Tensor, Tuple[Tensor, Tensor]]
 SIDES = ("left", "right")
@@ -42,6 +43,13 @@ def back_project(R: Tensor, P: Tensor, side: str) -> Tensor:
     """``P R`` (left) or ``R Pᵀ`` (right)."""
     _check_side(side)
     return P @ R if side == "left" else R @ P.mT
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an optimizer's moments for a parameter of ``dtype``: fp32 (16-bit and fp32
+    parameters), float64 for float64 parameters (checks against float64 math, and sums over ranks
+    that round like one process's)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def wide(x: Tensor) -> Tensor:
@@ -141,17 +149,25 @@ def orthonormal_fallback(rows: int, rank: int, like: Tensor) -> Tensor:
     return torch.eye(rows, rank, dtype=like.dtype, device=like.device)
 
 
-def principal_angle_cosines(P_old: Tensor, P_new: Tensor) -> Tensor:
-    """cos θᵢ = σᵢ(P_oldᵀ P_new), descending; 1 means the subspaces share that direction."""
-    return torch.linalg.svdvals(P_old.float().mT @ P_new.float()).clamp_(0.0, 1.0)
+def principal_angle_cosines(P_old: Tensor, P_new: Tensor, comm=LOCAL) -> Tensor:
+    """cos θᵢ = σᵢ(P_oldᵀ P_new), descending; 1 means the subspaces share that direction. ``comm``:
+    the bases' rows are sharded (``subspace_ops.distributed``), their product summed over ranks."""
+    return torch.linalg.svdvals(comm.sum_(P_old.float().mT @ P_new.float())).clamp_(0.0, 1.0)
 
 
-def captured_energy(G: Tensor, basis: BasisLike, side: str) -> float:
-    """‖project(G)‖² / ‖G‖²: the share of the gradient that the subspace keeps (0 for a zero gradient)."""
-    total = G.float().pow(2).sum()
+def captured_energy(G: Tensor, basis: BasisLike, side: str, comm=LOCAL) -> float:
+    """‖project(G)‖² / ‖G‖²: the share of the gradient that the subspace keeps (0 for a zero
+    gradient). ``comm``: G's rows (and a left basis's) are sharded; the sums run over ranks."""
+    total = comm.sum_(G.float().pow(2).sum())
     if total == 0:
         return 0.0
-    return float(Basis.of(basis, side).project(G).pow(2).sum() / total)
+    basis = Basis.of(basis, side)
+    R = basis.project(G)
+    if basis.left is not None:  # Plᵀ G sums over the rows: whole before it is squared
+        kept = comm.sum_(R).pow(2).sum()
+    else:  # G Pr keeps G's rows
+        kept = comm.sum_(R.pow(2).sum())
+    return float(kept / total)
 
 
 def transport_matrix(P_old: Tensor, P_new: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -160,16 +176,17 @@ def transport_matrix(P_old: Tensor, P_new: Tensor, dtype: torch.dtype = torch.fl
     return P_new.to(dtype).mT @ P_old.to(dtype)
 
 
-def transport_moments_(M: Tensor, V: Optional[Tensor], old: BasisLike, new: BasisLike, side: str) -> None:
+def transport_moments_(M: Tensor, V: Optional[Tensor], old: BasisLike, new: BasisLike, side: str,
+                       comm=LOCAL) -> None:
     """Carry low-rank moments into a new basis, in place (docs/algorithms.md §6; ``Basis.transport_``).
 
     ``M ← C M`` (left) / ``M Cᵀ`` (right) / ``Cl M Crᵀ`` (full), ``C = transport_matrix(old, new)``, so
     ``back_project(M)`` is kept up to its component outside the new subspace; ``V ← (C∘C) V`` /
     ``V (C∘C)ᵀ`` / both, clamped ≥ 0 (V is not linear in the basis: exact only when C is a signed
     permutation). ``V=None`` moves ``M`` only. For a Gaussian (non-orthonormal) basis the same formula
-    is Flora's ``project_new(back_old(M))``.
+    is Flora's ``project_new(back_old(M))``. ``comm``: the left parts' rows are sharded.
     """
-    Basis.of(old, side).transport_(M, V, Basis.of(new, side))
+    Basis.of(old, side).transport_(M, V, Basis.of(new, side), comm)
 
 
 def subset_norm_shape(m: int, n: int) -> Tuple[int, int]:

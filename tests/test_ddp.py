@@ -80,7 +80,7 @@ def _dtensor_worker(rank, init_file, out_file):
         from torch.distributed.tensor import Shard, distribute_tensor
 
         mesh = init_device_mesh("cpu", (WORLD,))
-        W = torch.nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)]))
+        W = torch.nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)]))  # not fully_shard's layout
         b = torch.nn.Parameter(torch.randn(4))
         try:
             GaLoreAdamW([{"params": [b]}, {"params": [W], "rank": 2}])
@@ -94,13 +94,14 @@ def _dtensor_worker(rank, init_file, out_file):
         dist.destroy_process_group()
 
 
-def test_sharded_dtensor_parameters_get_a_clear_error(tmp_path):
-    """FSDP2 / DTensor parameters are not supported yet: a ValueError at construction names the
-    parameter and its placement and points at DDP, instead of a crash inside torch at the first step."""
+def test_column_sharded_dtensor_parameters_get_a_clear_error(tmp_path):
+    """A low-rank DTensor matrix sharded other than over its rows (here Shard(1), as tensor
+    parallelism makes) gets a ValueError at construction naming the parameter and its placement and
+    pointing at fully_shard, instead of a crash inside torch at the first step."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path / "message.txt"
     mp.spawn(_dtensor_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
     message = out.read_text()
-    assert "parameter 1 (shape (6, 4)) is a DTensor" in message and "Shard(dim=0)" in message
-    assert "DistributedDataParallel" in message
+    assert "parameter 1 (shape (6, 4)) is a DTensor" in message and "Shard(dim=1)" in message
+    assert "fully_shard" in message

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-import torch
-from torch import Tensor
 
 from .. import ops, reference
 from ..projectors import lowrank_shape
+from ..distributed import LOCAL, REPLICATE, ROWS
 from .base import SubspaceOptimizer
 
 # Keys a low-rank group may carry, with the defaults filled in for missing ones. As GaLoreAdamW's,
@@ -74,10 +73,6 @@ class AdamSNSM(SubspaceOptimizer):
                         capturable=capturable)
         super().__init__(params, defaults, backend=backend)
 
-    def _init_lowrank_state(self, state: dict, p: Tensor, side: str, m: int, n: int, rank: int) -> None:
-        state["exp_avg"] = torch.zeros(lowrank_shape(side, m, n, rank), dtype=torch.float32, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(reference.subset_norm_shape(m, n), dtype=torch.float32, device=p.device)
-
     def _state_shapes(self, side: str, m: int, n: int, rank: int) -> dict:
         return {"exp_avg": lowrank_shape(side, m, n, rank), "exp_avg_sq": reference.subset_norm_shape(m, n)}
 
@@ -85,9 +80,40 @@ class AdamSNSM(SubspaceOptimizer):
         ops.snsm_matrices_step_(Ws, Gs, bases, [st["exp_avg"] for st in states],
                                 [st["exp_avg_sq"] for st in states], backend=self.backend, side=side, **hyper)
 
-    def _on_basis_change(self, state: dict, group: dict, side: str, old, new, refresh: bool) -> None:
+    def _state_placement(self, key, side, m, n):
+        if key == "exp_avg_sq":  # one accumulator per row (with the weight's rows) or per column (whole)
+            return ROWS if reference.subset_norm_shape(m, n)[1] == 1 else REPLICATE
+        return super()._state_placement(key, side, m, n)
+
+    def _sharded_update(self, W, G, basis, state, group, side, hyper, comm, R=None) -> None:
+        """Row-sharded "left" / "full" matrix (reference math on the local rows): ``R = Plᵀ G (Pr)``
+        is all-reduced (the complement ``G − back(R)`` needs all of it); the momentum is kept as this
+        rank's columns of m̂ ("left", all-gathered for ``back(m̂)``) or whole ("full"); per-column
+        subset norms (m < n) are all-reduced, per-row ones are local."""
+        G32 = reference.wide(G)
+        n = G32.shape[1]
+        beta1, beta2 = hyper["beta1"], hyper["beta2"]
+        R = comm.sum_(basis.project(G32))
+        M, V = state["exp_avg"], state["exp_avg_sq"]
+        if side == "left":
+            start, count = comm.col_range(n)
+            M.mul_(beta1).add_(R[:, start:start + count], alpha=1.0 - beta1)
+            M_whole = comm.gather_cols(M, n)
+        else:
+            M_whole = M.mul_(beta1).add_(R, alpha=1.0 - beta1)
+        if reference.subset_norm_shape(comm.global_rows(G32.shape[0]), n)[1] == 1:  # per row: this rank's rows
+            V.mul_(beta2).add_(G32.pow(2).sum(dim=1, keepdim=True), alpha=1.0 - beta2)
+        else:
+            V.mul_(beta2).add_(comm.sum_(G32.pow(2).sum(dim=0, keepdim=True)), alpha=1.0 - beta2)
+        step_size, lr = ops._host_step_size(hyper["step_size"], hyper["lr"], hyper.get("step"),
+                                            hyper.get("bias_correction"), beta1, beta2, hyper["correct_bias"])
+        numerator = basis.back(M_whole).add_(G32).sub_(basis.back(R))
+        reference.apply_update_(W, numerator.div_(V.sqrt().add_(hyper["eps"])), step_size, 1.0, lr,
+                                hyper["weight_decay"])
+
+    def _on_basis_change(self, state, group: dict, side: str, old, new, refresh: bool, comm=LOCAL) -> None:
         # v lives in the full space: only the subspace momentum is affected by a basis change.
         if group["transport_moments"]:
-            reference.transport_moments_(state["exp_avg"], None, old, new, side)
+            reference.transport_moments_(state["exp_avg"], None, old, new, side, comm)
         elif refresh:
             state["exp_avg"].zero_()

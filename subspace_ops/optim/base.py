@@ -18,14 +18,20 @@ from torch.optim import Optimizer
 from .. import ops, reference
 from .. import projectors
 from ..basis import Basis
-from ..projectors import PROJ_TYPES, basis_side, effective_rank, orthonormalize
+from ..distributed import (COLS, LOCAL, REPLICATE, ROWS, Rows, ShardedState, broadcast_basis, is_dtensor, local,
+                           orthonormalize_basis, part_comm, placement_error)
+from ..projectors import PROJ_TYPES, basis_side, effective_rank
 
-# The optimizers' own state that is fp32 whatever the parameter's dtype (see load_state_dict): the
+# The optimizers' own state that is fp32 (float64 for float64 parameters; see load_state_dict): the
 # low-rank moments. Each projector adds its own (``Projector.fp32_state``).
-FP32_STATE = ("exp_avg", "exp_avg_sq")
+FP32_STATE = ("exp_avg", "exp_avg_sq", "grad_acc")
 
 # Key of the diagnostics in state_dict() (tensors only, so weights_only=True loads it).
 STATS_KEY = "subspace_stats"
+# State key of a low-rank matrix's projected gradient accumulated by step_in_backward (laid out as
+# exp_avg), and the state_dict key of the micro-batches its accumulation window has seen.
+ACC_KEY = "grad_acc"
+MICRO_KEY = "step_in_backward_micro"
 
 
 def _check_number(name: str, value, ok: bool, want: str) -> None:
@@ -124,11 +130,15 @@ class _Collected:
     step count), plain batches keyed by their hyperparameters, step counters to advance, actions to
     run after the updates, and the hyperparameters already computed per (group, step count)."""
 
-    __slots__ = ("batches", "plain", "steps", "slots", "after", "hyper")
+    __slots__ = ("batches", "plain", "steps", "slots", "after", "hyper", "sharded", "gathered")
 
     def __init__(self):
-        self.batches, self.plain, self.hyper = {}, {}, {}
-        self.steps, self.slots, self.after = [], [], []
+        self.batches, self.plain, self.hyper, self.gathered = {}, {}, {}, {}
+        self.steps, self.slots, self.after, self.sharded = [], [], [], []
+
+
+# ``_refresh``'s "no basis gathered for this matrix" (None means: gathered, and none could be computed).
+_NOT_GATHERED = object()
 
 
 def _float(x) -> float:
@@ -156,6 +166,11 @@ class SubspaceOptimizer(Optimizer):
         # Host copies of capturable groups' step counters: id(param) -> (param, completed steps).
         self._host_steps: dict = {}
         self._counters = _StepCounters()
+        # The row sharding of each DTensor (FSDP2) low-rank matrix: id(param) -> (param, Rows).
+        self._comms: dict = {}
+        # The active step_in_backward() handle, and the micro-batches its accumulation window has seen.
+        self._backward = None
+        self._micro = 0
         # Diagnostics per parameter index (tensors only); see subspace_stats().
         self._stats: dict = {}
         validate_hyperparameters(defaults)
@@ -182,36 +197,35 @@ class SubspaceOptimizer(Optimizer):
             param_group["betas"] = tuple(param_group["betas"])
         validate_hyperparameters(param_group)
         super().add_param_group(param_group)
-        self._reject_sharded(self.param_groups[-1])
+        self._check_sharded(self.param_groups[-1])
 
-    def _reject_sharded(self, group: dict) -> None:
-        """DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) are not supported yet: say
-        so here, naming the parameter and its placement, instead of failing inside torch at the first
-        step ("got mixed torch.Tensor and DTensor")."""
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # a torch built without distributed
+    def _check_sharded(self, group: dict) -> None:
+        """DTensor parameters: a low-rank matrix must be row-sharded on a 1-D mesh (FSDP2's
+        ``fully_shard``); anything else (Shard(1), tensor parallelism, 2-D meshes) gets a ValueError
+        here that names the parameter and its placement, instead of a failure inside torch at the
+        first step. Plain parameters take elementwise AdamW on their local shards, any placement."""
+        if "rank" not in group:
             return
         start = sum(len(g["params"]) for g in self.param_groups[:-1])
         for i, p in enumerate(group["params"]):
-            if isinstance(p, DTensor):
-                raise ValueError(
-                    f"{type(self).__name__}: parameter {start + i} (shape {tuple(p.shape)}) is a DTensor with "
-                    f"placements {tuple(p.placements)} (FSDP2's fully_shard or tensor parallelism), which this "
-                    "version does not support; wrap the model in torch.nn.parallel.DistributedDataParallel "
-                    "instead (supported, tests/test_ddp.py)"
-                )
+            if p.dim() >= 2 and is_dtensor(p):
+                error = placement_error(p, f"{type(self).__name__}: parameter {start + i}")
+                if error is not None:
+                    raise ValueError(error)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """torch.optim's state dict, plus the diagnostics under ``"subspace_stats"`` (tensors)."""
         sd = super().state_dict()
+        if self._micro:
+            sd[MICRO_KEY] = torch.tensor(self._micro, dtype=torch.int64)
         if self._stats:
             sd[STATS_KEY] = {i: {k: v.clone() for k, v in st.items()} for i, st in self._stats.items()}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch.optim's, but the fp32 moments stay fp32 and integer state stays integer.
+        """As torch.optim's, but the fp32 moments stay fp32 (float64 for float64 parameters) and integer
+        state stays integer.
 
         torch.optim casts every state tensor but ``step`` to a floating parameter's dtype on load,
         which would round the low-rank moments of a bf16 model to bf16, and counters such as
@@ -223,7 +237,15 @@ class SubspaceOptimizer(Optimizer):
         stats = state_dict.get(STATS_KEY, {})
         ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         self._check_loaded_state(state_dict)
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATS_KEY})
+        if self._backward is not None and int(state_dict.get(MICRO_KEY, 0)) >= self._backward.accumulation_steps:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the checkpoint was saved after "
+                f"{int(state_dict[MICRO_KEY])} micro-batches of an accumulation window, but the active "
+                f"step_in_backward() accumulates {self._backward.accumulation_steps}; resume with the same "
+                "accumulation_steps"
+            )
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in (STATS_KEY, MICRO_KEY)})
+        self._micro = int(state_dict.get(MICRO_KEY, 0))
         params = [(group, p) for group in self.param_groups for p in group["params"]]
         for pid, (group, p) in zip(ids, params):
             if pid not in saved or p not in self.state:
@@ -231,7 +253,7 @@ class SubspaceOptimizer(Optimizer):
             fp32 = FP32_STATE + (projectors.get(group["projector"]).fp32_state if "rank" in group else ())
             for key, value in saved[pid].items():
                 if key in fp32:
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+                    self.state[p][key] = value.to(device=p.device, dtype=reference.state_dtype(p.dtype), copy=True)
                 elif key != "step" and isinstance(value, Tensor) and not value.is_floating_point():
                     self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
         self._stats = {int(i): {k: v.clone() for k, v in st.items()} for i, st in stats.items()}
@@ -273,6 +295,8 @@ class SubspaceOptimizer(Optimizer):
                 want = {"step": (), "refresh_offset": (), **self._state_shapes(side, m, n, rank)}
                 if any(k in st for k in ("basis", "basis_step")):  # a basis exists once the first step ran
                     want.update(projectors.get(group["projector"]).state_shapes(side, m, n, rank))
+                if ACC_KEY in st:  # saved inside a step_in_backward accumulation window
+                    want[ACC_KEY] = want["exp_avg"]
                 for key, shape in want.items():
                     if key not in st:
                         raise ValueError(
@@ -299,34 +323,56 @@ class SubspaceOptimizer(Optimizer):
         must follow the weight update (Online Subspace Descent's basis step, copying back a weight
         that was not contiguous).
         """
+        if self._backward is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() was called while step_in_backward() hooks are active: the "
+                "parameters already step inside backward(). Call only loss.backward() (and scheduler.step() "
+                "once per accumulation window), or call handle.remove() to go back to ordinary opt.step()"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._sync_host_steps()
-        c = _Collected()
+        entries = []
         index = 0
         for group in self.param_groups:
-            lowrank_group = "rank" in group
             for p in group["params"]:
                 if p.grad is not None:
-                    self._check_grad(p, group, index)
-                    if p.numel() > 0:
-                        if lowrank_group and p.dim() >= 2:
-                            self._collect_lowrank(p, group, index, c)
-                        else:
-                            self._collect_plain(p, group, c)
+                    entries.append((group, index, p, False))
                 index += 1
+        self._step_entries(entries)
+        return loss
+
+    def _step_entries(self, entries) -> None:
+        """Step the parameters of ``entries``: ``(group, index, param, projected)`` in parameter
+        order. ``projected``: the low-rank matrix steps from its projected gradient accumulated in
+        state ``"grad_acc"`` (``step_in_backward``) instead of ``param.grad``."""
+        self._sync_host_steps()
+        c = _Collected()
+        if self._comms or any(is_dtensor(e[2]) and "rank" in e[0] for e in entries):
+            self._gather_refreshes(c, entries)
+        for group, index, p, projected in entries:
+            if not projected:
+                self._check_grad(p, group, index)
+            if p.numel() > 0:
+                if "rank" in group and p.dim() >= 2:
+                    self._collect_lowrank(p, group, index, c, projected)
+                else:
+                    self._collect_plain(p, group, c)
         self._counters.advance(c.slots)
         if c.steps:
             torch._foreach_add_(c.steps, 1.0)  # capturable counters, on the device: one launch
         for key, (Ws, Gs, bases, states, hyper, group) in c.batches.items():
-            self._matrix_updates(Ws, Gs, bases, states, group, key[1], hyper)
+            if key[-1]:  # projected gradients
+                self._projected_updates(Ws, Gs, bases, states, group, key[1], hyper)
+            else:
+                self._matrix_updates(Ws, Gs, bases, states, group, key[1], hyper)
+        for args in c.sharded:  # in parameter order: the same collectives in the same order on every rank
+            self._sharded_update(*args)
         for _key, (Ws, Gs, Ms, Vs, hyper) in c.plain.items():
             ops.adam_steps_(Ws, Gs, Ms, Vs, backend=self.backend, **hyper)
         for fn in c.after:
             fn()
-        return loss
 
     @staticmethod
     def _new_step(p: Tensor, group: dict) -> Tensor:
@@ -417,14 +463,18 @@ class SubspaceOptimizer(Optimizer):
         return known[1]
 
     def _collect_plain(self, p: Tensor, group: dict, c: "_Collected") -> None:
-        W, G = p, p.grad
+        W, G = local(p), local(p.grad)  # a DTensor's local shard: AdamW is elementwise
         if torch.is_complex(p):
-            W, G = torch.view_as_real(p), torch.view_as_real(G)
+            W, G = torch.view_as_real(W), torch.view_as_real(G)
         state = self.state[p]
         if not state:
             state["step"] = self._new_step(p, group)
-            state["exp_avg"] = torch.zeros(W.shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(W.shape, dtype=torch.float32, device=p.device)
+            if is_dtensor(p) and not torch.is_complex(p):  # moments sharded as the parameter is
+                state["exp_avg"] = torch.zeros_like(p, dtype=reference.state_dtype(p.dtype))
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=reference.state_dtype(p.dtype))
+            else:
+                state["exp_avg"] = torch.zeros(W.shape, dtype=reference.state_dtype(W.dtype), device=W.device)
+                state["exp_avg_sq"] = torch.zeros(W.shape, dtype=reference.state_dtype(W.dtype), device=W.device)
         _, hyper = self._hyper(group, state, c, p)
         key = tuple(map(id, hyper.values())) if group.get("capturable", False) else tuple(hyper.values())
         # plain tensors of every group with equal settings: one launch
@@ -433,31 +483,66 @@ class SubspaceOptimizer(Optimizer):
             batch = c.plain[key] = ([], [], [], [], hyper)
         batch[0].append(W)
         batch[1].append(G)
-        batch[2].append(state["exp_avg"])
-        batch[3].append(state["exp_avg_sq"])
+        batch[2].append(local(state["exp_avg"]))
+        batch[3].append(local(state["exp_avg_sq"]))
 
     # -- subclass hooks ---------------------------------------------------------------------------
-    def _init_lowrank_state(self, state: dict, p: Tensor, side: str, m: int, n: int, rank: int) -> None:
+    def _init_lowrank_state(self, state, p: Tensor, side: str, m: int, n: int, rank: int, comm=LOCAL) -> None:
+        """The optimizer's own state of a low-rank matrix: zeros of ``_state_shapes`` (fp32; float64
+        for a float64 parameter: ``reference.state_dtype``); for a
+        row-sharded matrix (``comm``) this rank's part of each, laid out by ``_state_placement``."""
+        for key, shape in self._state_shapes(side, m, n, rank).items():
+            place = self._state_placement(key, side, m, n) if comm.sharded else REPLICATE
+            if place == ROWS:
+                shape = (comm.rows,) + tuple(shape[1:])
+            elif place == COLS:
+                shape = (shape[0], comm.col_range(shape[1])[1]) + tuple(shape[2:])
+            state[key] = torch.zeros(shape, dtype=reference.state_dtype(p.dtype), device=local(p).device)
+
+    def _state_placement(self, key: str, side: str, m: int, n: int) -> str:
+        """How the state tensor ``key`` of a row-sharded (m x n) matrix is laid out (FSDP2;
+        ``subspace_ops.distributed``). Default, the low-rank moments: ``G P`` (m x r, side "right")
+        has the weight's rows; ``Pᵀ G`` (r x n, "left") is split over its columns, so each rank
+        keeps 1/world of it; "full"'s r x r is whole on every rank."""
+        return {"right": ROWS, "left": COLS, "full": REPLICATE}[side]
+
+    def _sharded_update(self, W, G, basis, state, group: dict, side: str, hyper: dict, comm, R=None) -> None:
+        """The update of one row-sharded matrix on side "left" or "full" (``W``, ``G``: this rank's
+        rows; ``state``: its local view), whose projection is a sum over ranks. ``R``: instead of
+        ``G``, the projected gradient already summed over ranks, laid out as the moments are
+        (``step_in_backward``'s accumulation)."""
+        raise NotImplementedError
+
+    # True when the optimizer can step a low-rank matrix from its projected gradient alone
+    # (``_projected_updates``): step_in_backward then accumulates ``project(G)`` instead of ``G``.
+    projects_accumulation: bool = False
+
+    def _projected_updates(self, Ws, Rs, bases, states, group: dict, side: str, hyper: dict) -> None:
+        """Update the matrices ``Ws`` from projected gradients ``Rs`` (one group, side, step count)."""
         raise NotImplementedError
 
     def _matrix_updates(self, Ws, Gs, bases, states, group: dict, side: str, hyper: dict) -> None:
         """Update the matrices ``Ws`` (in place) of one group and side at one step count."""
         raise NotImplementedError
 
-    def _on_basis_change(self, state: dict, group: dict, side: str, old, new, refresh: bool) -> None:
+    def _on_basis_change(self, state, group: dict, side: str, old, new, refresh: bool, comm=LOCAL) -> None:
         """Called after the basis changed: at a refresh (``refresh=True``) or after an Online
         Subspace Descent step. Default: transport ``exp_avg``/``exp_avg_sq`` when the group asks."""
         if group.get("transport_moments", False):
-            reference.transport_moments_(state["exp_avg"], state["exp_avg_sq"], old, new, side)
+            reference.transport_moments_(state["exp_avg"], state["exp_avg_sq"], old, new, side, comm)
 
     # -- low-rank matrices ------------------------------------------------------------------------
-    def _collect_lowrank(self, p: Tensor, group: dict, index: int, c: "_Collected") -> None:
+    def _collect_lowrank(self, p: Tensor, group: dict, index: int, c: "_Collected", projected: bool = False) -> None:
         m = p.shape[0]
         n = p.numel() // m
         side = basis_side(group["proj_type"], m, n)
         rank = effective_rank(group["rank"], m, n)
         proj = projectors.get(group["projector"])
         state = self.state[p]
+        comm = LOCAL
+        if is_dtensor(p):  # FSDP2: this rank's rows, the state seen through its local shards
+            comm = self._comm(p)
+            state = ShardedState(state, comm, lambda key: self._placement(proj, key, side, m, n), n)
         if not state:
             if group["rank"] >= min(m, n):
                 warnings.warn(
@@ -469,27 +554,43 @@ class SubspaceOptimizer(Optimizer):
                     stacklevel=4,
                 )
             state["step"] = self._new_step(p, group)
-            self._init_lowrank_state(state, p, side, m, n, rank)
+            self._init_lowrank_state(state, p, side, m, n, rank, comm)
             offset = index % group["update_proj_gap"] if group["stagger"] else 0
             state["refresh_offset"] = torch.tensor(offset, dtype=torch.int64)
 
-        G = p.grad if p.dim() == 2 else p.grad.reshape(m, n)  # reshape costs ~1 µs of host time
+        W = local(p) if comm.sharded else p
+        if projected:  # the projected gradient step_in_backward accumulated; W stands in for G's layout
+            G = R = state["grad_acc"]
+            (state.state if comm.sharded else state).pop("grad_acc")
+            like = W if W.dim() == 2 else W.reshape(W.shape[0], n)
+        else:
+            G = local(p.grad) if comm.sharded else p.grad
+            if G.dim() != 2:
+                G = G.reshape(G.shape[0], n)  # reshape costs ~1 µs of host time
+            like = G
         s = self._host_step(p, state["step"]) if group.get("capturable", False) else int(state["step"].item())
         refreshed = False
-        if proj.refresh_due(state, group, s):
-            refreshed = self._refresh(proj, state, G, group, side, rank, index, s)
+        if not projected and proj.refresh_due(state, group, s):
+            refreshed = self._refresh(proj, state, G, group, side, rank, index, s, comm,
+                                      c.gathered.pop(id(p), _NOT_GATHERED))
 
-        basis = self._basis(proj, state, group, side, G, index)
+        basis = self._basis(proj, state, group, side, like, index, comm)
         t, hyper = self._hyper(group, state, c, p, s)
         # The weight itself or an in-place view; a non-contiguous weight is updated through a copy.
-        if p.is_contiguous():
-            W = p if p.dim() == 2 else p.view(m, n)
+        if W.is_contiguous():
+            W = W if W.dim() == 2 else W.view(like.shape)
         else:
-            W = p.reshape(m, n).clone()
-            c.after.append(lambda p=p, W=W: p.copy_(W.view_as(p)))
-        if not refreshed and type(proj).after_update is not projectors.Projector.after_update:
-            c.after.append(lambda: self._projector_step(proj, state, G, basis, group, side, index, s))
-        key = (id(group), side, W.shape, W.dtype, G.dtype, t)
+            W, target = W.reshape(like.shape).clone(), W
+            c.after.append(lambda target=target, W=W: target.copy_(W.view_as(target)))
+        if not refreshed and not projected and type(proj).after_update is not projectors.Projector.after_update:
+            c.after.append(lambda: self._projector_step(proj, state, G, basis, group, side, index, s, comm))
+        if comm.sharded and side != "right":  # the projection sums over ranks: one matrix at a time
+            c.sharded.append((W, None if projected else G, basis, state, group, side, hyper, comm,
+                              R if projected else None))
+            return
+        if W.numel() == 0:  # a rank holding none of the rows
+            return
+        key = (id(group), side, W.shape, W.dtype, G.dtype, t, projected)
         batch = c.batches.get(key)
         if batch is None:
             batch = c.batches[key] = ([], [], [], [], hyper, group)
@@ -498,24 +599,144 @@ class SubspaceOptimizer(Optimizer):
         batch[2].append(basis)
         batch[3].append(state)
 
-    def _basis(self, proj, state: dict, group: dict, side: str, G: Tensor, index: int):
+    # -- step in backward ---------------------------------------------------------------------------
+    def step_in_backward(self, accumulation_steps: int = 1, max_grad_norm: Optional[float] = None):
+        """Step every parameter inside ``backward()``, as soon as its gradient is ready, and free
+        the gradient (layer-wise updates); returns a handle whose ``remove()`` restores ``step()``.
+
+        The loop is then only ``(loss(micro_batch) / k).backward()``, plus ``scheduler.step()`` once
+        per ``k = accumulation_steps`` micro-batches, and it equals the ordinary loop (backward k
+        times, ``clip_grad_norm_(params, max_grad_norm)`` when given, ``opt.step()``,
+        ``opt.zero_grad()``) to float rounding. See ``subspace_ops.optim.backward`` for what is kept
+        when (low-rank accumulation, exact clipping, refresh windows) and docs/design.md."""
+        from .backward import StepInBackward
+
+        return StepInBackward(self, accumulation_steps, max_grad_norm)
+
+    def _can_project(self, p: Tensor, group: dict, index: int) -> bool:
+        """True when ``p``'s gradient can be kept as ``project(G)`` until its step: a low-rank matrix
+        of an optimizer that steps from the projection alone, whose basis is fixed until then (no
+        refresh due at this step, no projector step of its own that needs G)."""
+        if not self.projects_accumulation or "rank" not in group or p.dim() < 2 or p.numel() == 0:
+            return False
+        if torch.is_complex(p):
+            return False
+        proj = projectors.get(group["projector"])
+        if type(proj).after_update is not projectors.Projector.after_update:
+            return False
+        state = self.state.get(p)
+        if not state or not proj.has_basis(state):
+            return False
+        s = self._host_step(p, state["step"]) if group.get("capturable", False) else int(state["step"].item())
+        return not proj.refresh_due(state, group, s)
+
+    def _accumulate_projected(self, p: Tensor, group: dict, index: int) -> None:
+        """Add ``project(p.grad)`` (summed over ranks and laid out as ``exp_avg`` for a row-sharded
+        matrix) into state ``"grad_acc"`` and free ``p.grad``. Requires ``_can_project``."""
+        m = p.shape[0]
+        n = p.numel() // m
+        side = basis_side(group["proj_type"], m, n)
+        proj = projectors.get(group["projector"])
+        state, comm, G = self.state[p], LOCAL, p.grad
+        if is_dtensor(p):
+            comm, G = self._comm(p), local(G)
+            state = ShardedState(state, comm, lambda k: self._placement(proj, k, side, m, n), n)
+        G = G.reshape(G.shape[0], n)
+        basis = self._basis(proj, state, group, side, G, index, comm)
+        R = basis.project(G)
+        if comm.sharded and side != "right":
+            R = comm.scatter_cols(R) if side == "left" else comm.sum_(R)
+        acc = state.get(ACC_KEY)
+        if acc is None:
+            state[ACC_KEY] = R.to(reference.state_dtype(p.dtype))
+        else:
+            acc.add_(R)
+        p.grad = None
+
+    # -- row-sharded matrices (FSDP2) -----------------------------------------------------------
+    def _comm(self, p) -> Rows:
+        entry = self._comms.get(id(p))
+        if entry is None or entry[0] is not p:
+            entry = self._comms[id(p)] = (p, Rows.of(p))
+        return entry[1]
+
+    def _placement(self, proj, key: str, side: str, m: int, n: int) -> str:
+        """The layout of state ``key`` of a row-sharded matrix: the optimizer's own keys
+        (``_state_placement``; the accumulated projected gradient as the first moment) or the
+        projector's (``Projector.state_placement``)."""
+        if key == ACC_KEY:
+            key = "exp_avg"
+        if key in self._state_shapes(side, m, n, 1):
+            return self._state_placement(key, side, m, n)
+        return proj.state_placement(key, side)
+
+    def _gather_refreshes(self, c: "_Collected", entries) -> None:
+        """Bases of row-sharded matrices whose projector works only on whole gradients (the exact
+        SVD, plug-ins) and whose refresh is due this step: each gradient is gathered on an owner
+        rank, round-robin over the matrices, every owner computes its bases, then each basis is
+        broadcast, so different matrices' SVDs run on different ranks at the same time. Results go
+        to ``c.gathered`` for ``_refresh``; the one refresh that moves whole gradients."""
+        due = []
+        for group, index, p, projected in entries:
+            if projected or "rank" not in group or p.dim() < 2 or not is_dtensor(p):
+                continue
+            proj = projectors.get(group["projector"])
+            if proj.shards_rows:
+                continue
+            state = self.state[p]
+            if state and not proj.refresh_due(state, group, int(state["step"].item())):
+                continue
+            due.append((p, group, proj, index, int(state["step"].item()) if state else 0))
+        gathered = []
+        for k, (p, group, proj, i, s) in enumerate(due):
+            comm = self._comm(p)
+            G = local(p.grad)
+            G = G.reshape(G.shape[0], p.numel() // p.shape[0])
+            owner = k % comm.world
+            gathered.append((owner, G, comm.gather_to(G, owner)))
+        for (p, group, proj, i, s), (owner, G, whole) in zip(due, gathered):
+            m, n = whole.shape if whole is not None else (p.shape[0], G.shape[1])
+            side = basis_side(group["proj_type"], m, n)
+            rank = effective_rank(group["rank"], m, n)
+            basis = None
+            if whole is not None:  # this rank owns the matrix
+                basis = proj.compute(whole, rank, side, group, index=i, step=s, previous=None)
+                basis = None if basis is None else Basis.of(basis, side)
+            c.gathered[id(p)] = (owner, basis, side, m, n, rank, G)
+        for p, *_ in due:
+            owner, basis, side, m, n, rank, G = c.gathered[id(p)]
+            c.gathered[id(p)] = broadcast_basis(self._comm(p), basis, owner, side, m, n, rank, G.dtype, G.device)
+
+    # -- bases --------------------------------------------------------------------------------------
+    def _basis(self, proj, state, group: dict, side: str, G: Tensor, index: int, comm=LOCAL):
         """The basis the update uses (a ``Basis``, or None before the first refresh): the projector's,
-        orthonormalised when this optimizer needs orthonormal columns and the projector's are not."""
-        basis = proj.current(state, group, side, G, index)
+        orthonormalised when this optimizer needs orthonormal columns and the projector's are not.
+        ``comm``: the matrix's row sharding (``subspace_ops.distributed``), G this rank's rows."""
+        if comm.sharded and proj.shards_rows:
+            basis = proj.current(state, group, side, G, index, comm=comm)
+        else:
+            basis = proj.current(state, group, side, G, index)
         if basis is None:
             return None
         if basis.__class__ is not Basis:  # a plug-in's current() may still return a Tensor or a pair
             basis = Basis.of(basis, side)
         if self.orthonormal_bases and not proj.orthonormal:
-            basis = basis.map(lambda b: orthonormalize(b).to(G.dtype))
+            basis = orthonormalize_basis(basis, comm).map(lambda b: b.to(G.dtype))
         return basis
 
-    def _refresh(self, proj, state: dict, G: Tensor, group: dict, side: str, rank: int, index: int, s: int) -> bool:
+    def _refresh(self, proj, state, G: Tensor, group: dict, side: str, rank: int, index: int, s: int,
+                 comm=LOCAL, gathered=_NOT_GATHERED) -> bool:
         """Ask the projector for a new basis for ``G``; True when the basis was (re)set. A basis that
         cannot be computed (non-finite gradient, SVD not converging) keeps the previous one, or a
-        fixed orthonormal one at the first step, and warns once."""
-        previous = self._basis(proj, state, group, side, G, index)
-        basis = proj.compute(G, rank, side, group, index=index, step=s, previous=previous)
+        fixed orthonormal one at the first step, and warns once. ``gathered``: the basis already
+        computed from the whole gradient (``_gather_refreshes``), or None when it could not be."""
+        previous = self._basis(proj, state, group, side, G, index, comm)
+        if gathered is not _NOT_GATHERED:
+            basis = gathered
+        elif comm.sharded:
+            basis = proj.compute(G, rank, side, group, index=index, step=s, previous=previous, comm=comm)
+        else:
+            basis = proj.compute(G, rank, side, group, index=index, step=s, previous=previous)
         if basis is not None:
             basis = Basis.of(basis, side)  # a plug-in's compute() may still return a Tensor or a pair
         else:
@@ -530,49 +751,59 @@ class SubspaceOptimizer(Optimizer):
                 self._warned_refresh = True
             if previous is not None:
                 return False
-            m, n = G.shape
-            basis = Basis.from_parts(side, [reference.orthonormal_fallback(rows, rank, G)
-                                            for rows in Basis.part_rows(side, m, n)])
+            m, n = comm.global_rows(G.shape[0]), G.shape[1]
+            basis = Basis.from_parts(side, [
+                part_comm(comm, ps).local_rows(reference.orthonormal_fallback(rows, rank, G))
+                for ps, rows in zip(Basis.part_sides(side), Basis.part_rows(side, m, n))])
         proj.store(state, basis, side, s)
-        new = self._basis(proj, state, group, side, G, index)
+        new = self._basis(proj, state, group, side, G, index, comm)
         if new is None:  # a projector that regenerates its basis: the one just computed
             new = basis
-        self._record_stats(proj, index, G, previous, new, side, s, group)
+        self._record_stats(proj, index, G, previous, new, side, s, group, comm)
         if previous is not None:
-            self._on_basis_change(state, group, side, previous, new, True)
+            self._on_basis_change(state, group, side, previous, new, True, comm)
         return True
 
-    def _projector_step(self, proj, state: dict, G: Tensor, basis, group: dict, side: str, index: int, s: int) -> None:
+    def _projector_step(self, proj, state, G: Tensor, basis, group: dict, side: str, index: int, s: int,
+                        comm=LOCAL) -> None:
         """The projector's own step after the weight update (Online Subspace Descent)."""
-        change = proj.after_update(state, G, basis, group, side, index=index, step=s)
+        if comm.sharded:
+            change = proj.after_update(state, G, basis, group, side, index=index, step=s, comm=comm)
+        else:
+            change = proj.after_update(state, G, basis, group, side, index=index, step=s)
         if change is None:
             return
         old, new, on_schedule = change
         old, new = Basis.of(old, side), Basis.of(new, side)
         if on_schedule:
-            self._record_stats(proj, index, G, old, new, side, s, group)
-        self._on_basis_change(state, group, side, old, new, False)
+            self._record_stats(proj, index, G, old, new, side, s, group, comm)
+        self._on_basis_change(state, group, side, old, new, False, comm)
 
     # -- diagnostics ------------------------------------------------------------------------------
-    def _orthonormal(self, proj, basis):
+    def _orthonormal(self, proj, basis, comm=LOCAL):
         """Bases for the diagnostics: a basis without orthonormal columns (gaussian) is orthonormalised."""
         if proj.orthonormal or self.orthonormal_bases:
             return basis
-        return basis.map(orthonormalize)
+        return orthonormalize_basis(basis, comm)
 
-    def _record_stats(self, proj, index: int, G: Tensor, old, new, side: str, s: int, group: dict) -> None:
-        new = self._orthonormal(proj, new)
+    def _record_stats(self, proj, index: int, G: Tensor, old, new, side: str, s: int, group: dict,
+                      comm=LOCAL) -> None:
+        if G.device.type == "meta":  # memory estimates (bench/memory.py): no values, no diagnostics
+            return
+        new = self._orthonormal(proj, new, comm)
         stats = {
             "step": torch.tensor(s, dtype=torch.int64),
-            "energy": torch.tensor(reference.captured_energy(G, new, side), dtype=torch.float32),
+            "energy": torch.tensor(reference.captured_energy(G, new, side, comm), dtype=torch.float32),
         }
         if old is not None:
-            old = self._orthonormal(proj, old)
-            stats["energy_old_basis"] = torch.tensor(reference.captured_energy(G, old, side), dtype=torch.float32)
+            old = self._orthonormal(proj, old, comm)
+            stats["energy_old_basis"] = torch.tensor(reference.captured_energy(G, old, side, comm),
+                                                     dtype=torch.float32)
             # One entry per part: "cosines" for the one basis of a side (the left one of "full"),
             # "cosines_right" for the right one of "full".
-            for key, P_old, P_new in zip(("cosines", "cosines_right"), old.parts, new.parts):
-                stats[key] = reference.principal_angle_cosines(P_old, P_new).cpu()
+            for key, ps, P_old, P_new in zip(("cosines", "cosines_right"), Basis.part_sides(side), old.parts,
+                                             new.parts):
+                stats[key] = reference.principal_angle_cosines(P_old, P_new, part_comm(comm, ps)).cpu()
         self._stats[index] = stats
 
     @torch.no_grad()
@@ -585,6 +816,8 @@ class SubspaceOptimizer(Optimizer):
         between the old and new basis, descending; ``cosines_right`` too for ``proj_type="full"``;
         None at the first refresh), ``energy_now`` (captured energy of the current ``.grad`` in the
         current basis, when a gradient is present) and ``name`` when the group has ``names``.
+        With FSDP2 (DTensor parameters) ``energy_now`` is computed with collectives: call this on
+        every rank.
         For ``online_pca`` the basis moves every step: the refresh entries come from the basis step
         taken on the ``update_proj_gap`` schedule (old = before that step). For ``gaussian`` the
         bases are orthonormalised before measuring. Recorded values survive ``state_dict()``.
@@ -608,13 +841,18 @@ class SubspaceOptimizer(Optimizer):
                         entry["name"] = names[i]
                     if p.grad is not None and p.numel() > 0:
                         m = p.shape[0]
-                        G = p.grad.reshape(m, p.numel() // m)
-                        side = basis_side(group["proj_type"], m, G.shape[1])
+                        n = p.numel() // m
+                        side = basis_side(group["proj_type"], m, n)
                         proj = projectors.get(group["projector"])
-                        basis = self._basis(proj, self.state[p], group, side, G, index)
+                        state, comm, G = self.state[p], LOCAL, p.grad
+                        if is_dtensor(p):  # FSDP2: collective, like the step (call it on every rank)
+                            comm, G = self._comm(p), local(G)
+                            state = ShardedState(state, comm, lambda k: self._placement(proj, k, side, m, n), n)
+                        G = G.reshape(G.shape[0], n)
+                        basis = self._basis(proj, state, group, side, G, index, comm)
                         if basis is not None:
-                            basis = self._orthonormal(proj, basis)
-                            entry["energy_now"] = reference.captured_energy(G, basis, side)
+                            basis = self._orthonormal(proj, basis, comm)
+                            entry["energy_now"] = reference.captured_energy(G, basis, side, comm)
                     out[index] = entry
                 index += 1
         return out

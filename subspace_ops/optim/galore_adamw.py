@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-import torch
-from torch import Tensor
 
 from .. import ops
 from ..projectors import lowrank_shape
@@ -47,7 +45,7 @@ class GaLoreAdamW(SubspaceOptimizer):
     ``subspace_stats()`` returns per low-rank matrix the captured gradient energy and the principal
     angles between the old and new basis at the last refresh (see ``SubspaceOptimizer``).
 
-    Low-rank moments are fp32 whatever the parameter dtype; 1-D parameters in a low-rank group (biases,
+    Low-rank moments are fp32 (float64 for float64 parameters); 1-D parameters in a low-rank group (biases,
     norms) take plain AdamW steps. Matrices of more dimensions (conv) are viewed as
     ``(shape[0], prod(shape[1:]))``. A rank at or above ``min(m, n)`` runs as full rank. A refresh that
     fails (non-finite gradient, SVD not converging) keeps the previous basis and warns once.
@@ -82,11 +80,6 @@ class GaLoreAdamW(SubspaceOptimizer):
 
     lowrank_defaults = LOWRANK_DEFAULTS
 
-    def _init_lowrank_state(self, state: dict, p: Tensor, side: str, m: int, n: int, rank: int) -> None:
-        shape = lowrank_shape(side, m, n, rank)
-        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-
     def _state_shapes(self, side: str, m: int, n: int, rank: int) -> dict:
         shape = lowrank_shape(side, m, n, rank)
         return {"exp_avg": shape, "exp_avg_sq": shape}
@@ -96,3 +89,24 @@ class GaLoreAdamW(SubspaceOptimizer):
             Ws, Gs, bases, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
             backend=self.backend, side=side, scale=group["scale"], **hyper,
         )
+
+    projects_accumulation = True
+
+    def _projected_updates(self, Ws, Rs, bases, states, group, side, hyper) -> None:
+        adam = dict(backend=self.backend, beta1=hyper["beta1"], beta2=hyper["beta2"], eps=hyper["eps"])
+        Ns = [ops.lowrank_adam_(R, st["exp_avg"], st["exp_avg_sq"], **adam) for R, st in zip(Rs, states)]
+        ops.back_updates_(Ws, Ns, bases, backend=self.backend, side=side, scale=group["scale"], **hyper)
+
+    def _sharded_update(self, W, G, basis, state, group, side, hyper, comm, R=None) -> None:
+        """Row-sharded "left" / "full" matrix: ``R = Plᵀ G (Pr)`` is a sum over ranks. Left: a
+        reduce-scatter hands each rank its columns of R, Adam runs on this rank's columns of the
+        moments (1/world of them), and an all-gather of the direction N (r x n) feeds the local
+        back-projection. Full: R (r x r) is all-reduced and the tiny moments are kept whole."""
+        if R is None:
+            R = basis.project(G)  # this rank's rows' share, fp32 (float64 for float64)
+            R = comm.scatter_cols(R) if side == "left" else comm.sum_(R)
+        adam = dict(backend=self.backend, beta1=hyper["beta1"], beta2=hyper["beta2"], eps=hyper["eps"])
+        N = ops.lowrank_adam_(R, state["exp_avg"], state["exp_avg_sq"], **adam)
+        if side == "left":
+            N = comm.gather_cols(N, W.shape[1])
+        ops.back_updates_([W], [N], [basis], backend=self.backend, side=side, scale=group["scale"], **hyper)

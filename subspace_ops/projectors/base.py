@@ -98,11 +98,15 @@ class Projector:
     # Group keys every projector reads: the refresh schedule and the seed of anything random.
     schedule_keys = {"update_proj_gap": 200, "stagger": False, "seed": 0}
     keys: Dict[str, object] = {}
-    # State keys (beyond the basis) that stay fp32 whatever the parameter dtype.
+    # State keys (beyond the basis) that stay fp32 whatever the parameter dtype (float64 for float64).
     fp32_state: tuple = ()
     # False when the basis does not have orthonormal columns (an optimizer that needs them
     # orthonormalises it; diagnostics measure the orthonormalised basis).
     orthonormal: bool = True
+    # True when ``compute``, ``current`` and ``after_update`` take ``comm=`` (subspace_ops.distributed)
+    # and work on this rank's rows of a row-sharded gradient (FSDP2). Otherwise the optimizer gathers a
+    # sharded gradient on one rank, calls ``compute`` there and broadcasts the basis.
+    shards_rows: bool = False
 
     # -- group keys ---------------------------------------------------------------------------------
     @classmethod
@@ -128,8 +132,9 @@ class Projector:
             return True
         return (s + state["refresh_offset"].item()) % group["update_proj_gap"] == 0
 
-    def current(self, state: dict, group: dict, side: str, G: Tensor, index: int):
-        """The basis in use (a ``Basis``), or None before the first refresh."""
+    def current(self, state: dict, group: dict, side: str, G: Tensor, index: int, comm=None):
+        """The basis in use (a ``Basis``), or None before the first refresh. A stored basis needs no
+        ``comm``: ``state`` holds this rank's part of it."""
         if "basis" not in state:
             return None
         return Basis.from_parts(side, (state["basis"], state.get("basis_right")))
@@ -148,6 +153,13 @@ class Projector:
     def state_shapes(self, side: str, m: int, n: int, rank: int) -> dict:
         """The projector's state keys and their shapes once a basis exists (checked at load)."""
         return {k: (rows, rank) for k, rows in zip(STATE_KEYS, Basis.part_rows(side, m, n))}
+
+    def state_placement(self, key: str, side: str) -> str:
+        """How a state tensor of a row-sharded matrix is laid out (``subspace_ops.distributed``): a
+        left part of the basis has the weight's rows (``"rows"``), a right part is whole on every
+        rank (``"replicate"``)."""
+        parts = dict(zip(STATE_KEYS, Basis.part_sides(side)))
+        return "rows" if parts.get(key) == "left" else "replicate"
 
     def after_update(self, state: dict, G: Tensor, basis, group: dict, side: str, *, index: int, step: int):
         """A step of the projector's own after the weight update: ``(old, new, on_schedule)`` when

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..distributed import LOCAL, all_finite, owner_compute
 from .base import STATE_KEYS, Basis, Projector, orthonormalize, register
 from .svd import exact_basis
 
@@ -34,20 +35,32 @@ def online_pca_loss(G: Tensor, P: Tensor, side: str) -> Tensor:
     return (P @ (P.mT @ Gh) - Gh).pow(2).sum()
 
 
-def online_pca_grad(G: Tensor, P: Tensor, side: str) -> Tensor:
+def online_pca_grad(G: Tensor, P: Tensor, side: str, comm=LOCAL) -> Tensor:
     """Closed-form ``∇_P`` of ``online_pca_loss`` in fp32 (float64 for float64 inputs), no autograd.
 
     Left, with ``A = Pᵀ Ĝ`` (r x n): ``2 [R Ĝᵀ P + Ĝ Rᵀ P] = 2 [P (A Aᵀ) + (Ĝ Aᵀ)(PᵀP − 2I)]``,
     ``R = (P Pᵀ − I) Ĝ``, never forming the m x n residual: ≈ 4·m·n·r flops. The right side is the
     left side of ``Gᵀ`` (the loss is invariant under transposition).
+
+    ``comm`` shards G's rows (``subspace_ops.distributed``): then a left ``P`` is this rank's rows
+    and the gradient comes back as this rank's rows; a right ``P`` (n x r) is whole everywhere.
+    Communication: sums of r x n (left) or n x r (right) and r x r matrices, and of ‖G‖².
     """
-    Gh = _left_view(G, side)
-    Gh = Gh / Gh.norm()
-    P = _wide(P).to(Gh.dtype)
-    A = P.mT @ Gh
-    GA = Gh @ A.mT
+    G = _wide(G)
+    norm = comm.sum_(G.pow(2).sum()).sqrt()
+    P = _wide(P).to(G.dtype)
     eye = torch.eye(P.shape[1], dtype=P.dtype, device=P.device)
-    return 2.0 * (P @ (A @ A.mT) + GA @ (P.mT @ P - 2.0 * eye))
+    if side == "left":  # Ĝ's rows are G's rows: sharded like P
+        Gh = G / norm
+        A = comm.sum_(P.mT @ Gh)
+        AAt, GA, PtP = A @ A.mT, Gh @ A.mT, comm.sum_(P.mT @ P)
+    elif side == "right":  # Ĝ = Gᵀ/‖G‖: its columns are G's rows, A's columns too
+        Gh = G.mT / norm
+        A = P.mT @ Gh
+        AAt, GA, PtP = comm.sum_(A @ A.mT), comm.sum_(Gh @ A.mT), P.mT @ P
+    else:
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    return 2.0 * (P @ AAt + GA @ (PtP - 2.0 * eye))
 
 
 def adamw_(P: Tensor, grad: Tensor, M: Tensor, V: Tensor, step: int, lr: float,
@@ -63,25 +76,31 @@ def adamw_(P: Tensor, grad: Tensor, M: Tensor, V: Tensor, step: int, lr: float,
 
 
 def online_pca_update(P: Tensor, G: Tensor, M: Tensor, V: Tensor, step: int, lr: float, side: str,
-                      **adamw) -> Optional[Tensor]:
+                      comm=LOCAL, **adamw) -> Optional[Tensor]:
     """One Online Subspace Descent step on the basis ``P`` for gradient ``G``; returns the new basis.
 
     Variant (official code): one AdamW step (``ONLINE_PCA_ADAMW``, fp32 moments ``M``/``V`` updated in
     place, ``step`` counting these updates) on the online-PCA loss at the current ``P``, then a
     re-orthonormalisation by QR (``orthonormalize``; the official code never re-orthonormalises, we do
     it every step so that ``P`` always has orthonormal columns, for ≈ 2·rows·r² flops). Returns
-    ``None`` and leaves ``M``/``V`` untouched when ``G`` is zero or not finite.
+    ``None`` and leaves ``M``/``V`` untouched when ``G`` is zero or not finite. ``comm``: as in
+    ``online_pca_grad`` (a left ``P``, ``M``, ``V`` are this rank's rows; the QR is then a TSQR).
     """
-    norm = G.float().norm()
-    if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
+    norm2 = comm.sum_(G.float().pow(2).sum())
+    meta = G.device.type == "meta"  # memory estimates (bench/memory.py): no values to check
+    if not meta and (not bool(torch.isfinite(norm2)) or float(norm2) == 0.0):
         return None
     opts = {**ONLINE_PCA_ADAMW, **adamw}
     P32 = _wide(P).clone()  # float64 bases stay float64
-    adamw_(P32, online_pca_grad(G, P32, side), M, V, step, lr, **opts)
-    Q = orthonormalize(P32)
-    if not bool(torch.isfinite(Q).all()):
+    adamw_(P32, online_pca_grad(G, P32, side, comm), M, V, step, lr, **opts)
+    Q = comm.orthonormalize(P32) if side == "left" else orthonormalize(P32)
+    if not all_finite(comm if side == "left" else LOCAL, Q):
         return None
     return Q.to(P.dtype)
+
+
+def _as_basis(obj, side: str):
+    return None if obj is None else Basis.of(obj, side)
 
 
 def _float(x) -> float:
@@ -101,16 +120,27 @@ class OnlinePCAProjector(Projector):
     def refresh_due(self, state, group, s):
         return not self.has_basis(state)  # refreshed only by its own steps after the SVD start
 
-    def compute(self, G, rank, side, group, *, index, step, previous=None):
-        return exact_basis(G, rank, side)
+    shards_rows = True
+
+    def compute(self, G, rank, side, group, *, index, step, previous=None, comm=LOCAL):
+        if not comm.sharded:
+            return exact_basis(G, rank, side)
+        basis = owner_compute(comm, G, side, rank, index % comm.world,
+                              lambda whole: _as_basis(exact_basis(whole, rank, side), side))
+        return None if basis is None else basis.legacy()
+
+    def state_placement(self, key, side):
+        base = key.replace("proj_exp_avg_sq", "basis").replace("proj_exp_avg", "basis")
+        return super().state_placement(base, side)
 
     def store(self, state, basis, side, step):
         super().store(state, basis, side, step)
         if "proj_step" in state:
             return
         for suffix, P in zip(("", "_right"), basis.parts):
-            state["proj_exp_avg" + suffix] = torch.zeros(P.shape, dtype=torch.float32, device=P.device)
-            state["proj_exp_avg_sq" + suffix] = torch.zeros(P.shape, dtype=torch.float32, device=P.device)
+            dtype = torch.float64 if P.dtype == torch.float64 else torch.float32  # reference.state_dtype
+            state["proj_exp_avg" + suffix] = torch.zeros(P.shape, dtype=dtype, device=P.device)
+            state["proj_exp_avg_sq" + suffix] = torch.zeros(P.shape, dtype=dtype, device=P.device)
         state["proj_step"] = torch.zeros((), dtype=torch.float32)
 
     def state_shapes(self, side, m, n, rank):
@@ -121,7 +151,7 @@ class OnlinePCAProjector(Projector):
         shapes["proj_step"] = ()
         return shapes
 
-    def after_update(self, state, G, basis, group, side, *, index, step):
+    def after_update(self, state, G, basis, group, side, *, index, step, comm=LOCAL):
         lr = _float(group["lr"])
         lr0 = _float(group.get("initial_lr", lr))
         lr_proj = (lr / lr0 if lr0 != 0.0 else 0.0) / group["update_proj_gap"]
@@ -129,7 +159,7 @@ class OnlinePCAProjector(Projector):
         parts = []  # each part takes its own step, on its own side ("full": left, then right)
         for suffix, part_side, P in zip(("", "_right"), Basis.part_sides(side), basis.parts):
             new = online_pca_update(P, G, state["proj_exp_avg" + suffix], state["proj_exp_avg_sq" + suffix], t,
-                                    lr_proj, part_side)
+                                    lr_proj, part_side, comm)
             if new is None:
                 return None
             parts.append(new)

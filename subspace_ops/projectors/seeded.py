@@ -8,10 +8,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..distributed import LOCAL
 from .base import Basis, Projector, effective_rank, orthonormalize, parameter_seed, register
 
 
 def _generator(seed: int, device) -> torch.Generator:
+    # meta tensors (memory estimates) have no generator of their own: a CPU one draws nothing there
+    if torch.device(device).type == "meta":
+        device = "cpu"
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
@@ -144,18 +148,28 @@ class SeededProjector(Projector):
     def has_basis(self, state):
         return "basis_step" in state
 
-    def current(self, state, group, side, G, index):
+    shards_rows = True
+
+    def current(self, state, group, side, G, index, comm=LOCAL):
         if "basis_step" not in state:
             return None
-        m, n = G.shape
+        m, n = comm.global_rows(G.shape[0]), G.shape[1]
         seed = parameter_seed(group["seed"], index, int(state["basis_step"]))
-        return _seeded(self.name, m, n, effective_rank(group["rank"], m, n), side, seed,
-                       dtype=G.dtype, device=G.device)
+        return self._draw(m, n, effective_rank(group["rank"], m, n), side, seed, G, comm)
 
-    def compute(self, G, rank, side, group, *, index, step, previous=None):
-        m, n = G.shape
+    def compute(self, G, rank, side, group, *, index, step, previous=None, comm=LOCAL):
+        m, n = comm.global_rows(G.shape[0]), G.shape[1]
         seed = parameter_seed(group["seed"], index, step)
-        return _seeded(self.name, m, n, rank, side, seed, dtype=G.dtype, device=G.device).legacy()
+        return self._draw(m, n, rank, side, seed, G, comm).legacy()
+
+    def _draw(self, m, n, rank, side, seed, G, comm) -> Basis:
+        """The whole basis from the seed (every rank draws the same), a left part cut to this rank's
+        rows when ``comm`` shards them: no communication."""
+        basis = _seeded(self.name, m, n, rank, side, seed, dtype=G.dtype, device=G.device)
+        if not comm.sharded or side == "right":
+            return basis
+        return Basis.from_parts(side, [comm.local_rows(P).clone() if s == "left" else P
+                                       for s, P in zip(Basis.part_sides(side), basis.parts)])
 
     def store(self, state, basis, side, step):
         state["basis_step"] = torch.tensor(step, dtype=torch.int64)
