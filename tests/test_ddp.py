@@ -105,3 +105,31 @@ def test_column_sharded_dtensor_parameters_get_a_clear_error(tmp_path):
     message = out.read_text()
     assert "parameter 1 (shape (6, 4)) is a DTensor" in message and "Shard(dim=1)" in message
     assert "fully_shard" in message
+
+
+def _step_in_backward_worker(rank, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        opt = GaLoreAdamW([{"params": list(model.parameters()), "rank": 2}])
+        try:
+            opt.step_in_backward()
+            message = "no error"
+        except ValueError as e:
+            message = str(e)
+        if rank == 0:
+            with open(out_file, "w") as f:
+                f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_step_in_backward_under_ddp_is_refused_naming_fsdp2(tmp_path):
+    """DDP all-reduces gradients after the hooks step_in_backward steps in: each rank would step on
+    its own gradient. It raises, naming FSDP2 (whose hooks see the reduced gradient)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path / "message.txt"
+    mp.spawn(_step_in_backward_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
+    message = out.read_text()
+    assert "DistributedDataParallel" in message and "fully_shard" in message
