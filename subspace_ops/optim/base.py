@@ -166,8 +166,10 @@ class SubspaceOptimizer(Optimizer):
         # Host copies of capturable groups' step counters: id(param) -> (param, completed steps).
         self._host_steps: dict = {}
         self._counters = _StepCounters()
-        # The row sharding of each DTensor (FSDP2) low-rank matrix: id(param) -> (param, Rows).
+        # The row sharding of each DTensor (FSDP2) low-rank matrix: id(param) -> (param, Rows); and
+        # whether any low-rank matrix is one (set by _check_sharded).
         self._comms: dict = {}
+        self._sharded = False
         # The active step_in_backward() handle, and the micro-batches its accumulation window has seen.
         self._backward = None
         self._micro = 0
@@ -212,6 +214,7 @@ class SubspaceOptimizer(Optimizer):
                 error = placement_error(p, f"{type(self).__name__}: parameter {start + i}")
                 if error is not None:
                     raise ValueError(error)
+                self._sharded = True
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -349,7 +352,7 @@ class SubspaceOptimizer(Optimizer):
         state ``"grad_acc"`` (``step_in_backward``) instead of ``param.grad``."""
         self._sync_host_steps()
         c = _Collected()
-        if self._comms or any(is_dtensor(e[2]) and "rank" in e[0] for e in entries):
+        if self._sharded:
             self._gather_refreshes(c, entries)
         for group, index, p, projected in entries:
             if not projected:
