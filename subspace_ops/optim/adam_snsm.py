@@ -85,15 +85,22 @@ class AdamSNSM(SubspaceOptimizer):
             return ROWS if reference.subset_norm_shape(m, n)[1] == 1 else REPLICATE
         return super()._state_placement(key, side, m, n)
 
+    def _rows_local(self, side, m, n):
+        # per-column subset norms (m < n) sum G² over all rows: over ranks too
+        return side == "right" and reference.subset_norm_shape(m, n)[1] == 1
+
     def _sharded_update(self, W, G, basis, state, group, side, hyper, comm, R=None) -> None:
-        """Row-sharded "left" / "full" matrix (reference math on the local rows): ``R = Plᵀ G (Pr)``
-        is all-reduced (the complement ``G − back(R)`` needs all of it); the momentum is kept as this
-        rank's columns of m̂ ("left", all-gathered for ``back(m̂)``) or whole ("full"); per-column
-        subset norms (m < n) are all-reduced, per-row ones are local."""
+        """Row-sharded matrix (reference math on the local rows) whose update needs sums over ranks:
+        ``R = Plᵀ G (Pr)`` is all-reduced when the basis has a left part (the complement
+        ``G − back(R)`` needs all of it; ``G Pr`` keeps G's rows); the momentum is kept as this
+        rank's columns of m̂ ("left", all-gathered for ``back(m̂)``), its rows ("right") or whole
+        ("full"); per-column subset norms (m < n) are all-reduced, per-row ones are local."""
         G32 = reference.wide(G)
         n = G32.shape[1]
         beta1, beta2 = hyper["beta1"], hyper["beta2"]
-        R = comm.sum_(basis.project(G32))
+        R = basis.project(G32)
+        if basis.left is not None:
+            R = comm.sum_(R)
         M, V = state["exp_avg"], state["exp_avg_sq"]
         if side == "left":
             start, count = comm.col_range(n)

@@ -509,9 +509,15 @@ class SubspaceOptimizer(Optimizer):
         keeps 1/world of it; "full"'s r x r is whole on every rank."""
         return {"right": ROWS, "left": COLS, "full": REPLICATE}[side]
 
+    def _rows_local(self, side: str, m: int, n: int) -> bool:
+        """True when a row-sharded (m x n) matrix's update on ``side`` needs only this rank's rows
+        (then it takes the grouped fused path on the local shards); else ``_sharded_update``. Default:
+        side "right", whose ``G P`` keeps G's rows."""
+        return side == "right"
+
     def _sharded_update(self, W, G, basis, state, group: dict, side: str, hyper: dict, comm, R=None) -> None:
-        """The update of one row-sharded matrix on side "left" or "full" (``W``, ``G``: this rank's
-        rows; ``state``: its local view), whose projection is a sum over ranks. ``R``: instead of
+        """The update of one row-sharded matrix that ``_rows_local`` says needs sums over ranks
+        (``W``, ``G``: this rank's rows; ``state``: its local view). ``R``: instead of
         ``G``, the projected gradient already summed over ranks, laid out as the moments are
         (``step_in_backward``'s accumulation)."""
         raise NotImplementedError
@@ -587,7 +593,7 @@ class SubspaceOptimizer(Optimizer):
             c.after.append(lambda target=target, W=W: target.copy_(W.view_as(target)))
         if not refreshed and not projected and type(proj).after_update is not projectors.Projector.after_update:
             c.after.append(lambda: self._projector_step(proj, state, G, basis, group, side, index, s, comm))
-        if comm.sharded and side != "right":  # the projection sums over ranks: one matrix at a time
+        if comm.sharded and not self._rows_local(side, m, n):  # sums over ranks: one matrix at a time
             c.sharded.append((W, None if projected else G, basis, state, group, side, hyper, comm,
                               R if projected else None))
             return
