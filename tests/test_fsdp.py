@@ -17,9 +17,9 @@ ranks are 3/3/1, 4 rows are 2/2/0), for both sides of ``proj_type="std"`` (7x6, 
 refresh every 2 or 3 steps, so 6 steps refresh two or three times.
 
 Tolerances. Float64 runs: the sharded and the reference gradients differ only by the order of the
-reduce-scatter's sums, ~1e-16 relative; the projectors' fp32 math (SVD, range finder) and the fp32
-low-rank moments round those identically (a difference of 1e-16 relative changes a float32 rounding
-with probability ~1e-9 per element), so an exact subspace cannot jump between the runs and the
+reduce-scatter's sums, ~1e-16 relative; the moments are float64 for float64 parameters (fp32
+moments would turn such a difference into a float32 rounding flip now and then, ~6e-8 relative in that
+element), so an exact subspace cannot jump between the runs and the
 weights' change ΔW = W_final − W_init agrees to ≤ 1e-10 relative (per parameter, relative to the
 reference's ‖ΔW‖), and so does the optimizer state gathered to full tensors (``full_tensor()``). The
 fp32 runs are looser (≤ 1e-5 for ΔW beyond one fp32 rounding per element, ``_numerics.delta_w_close``;
