@@ -8,6 +8,8 @@ Usage::
                     [--threads N] [--time-budget S] [--target-only | --no-target]
     python -m bench --compile-only sm_90[,sm_80] [--json PATH] [--ptx-dir DIR] [--cases ci|before|LABELS]
     python -m bench --op host_step [--quick | --smoke] [--layers N] [--profile STEPS] [--json PATH] [--md PATH]
+    python -m bench --op memory [--smoke] [--device cpu|cuda] [--models 60M,7B] [--tokens 1x256] [--json PATH] [--md PATH]
+    python -m bench --op comm [--quick] [--world N] [--json PATH] [--md PATH]
 
 Modes (device defaults to cuda when available, else cpu):
 
@@ -23,6 +25,17 @@ reports its machine code (bench/codegen.py).
 ``--op host_step`` needs no GPU either: the CPU time of ``opt.step()`` on the fused Triton path for a
 LLaMA-7B parameter set, kernels compiled for sm_90 and never launched, next to torch's AdamW on meta
 tensors (bench/host.py).
+
+``--op memory`` measures the memory of one training step of the demo model (parameters, gradients,
+optimizer state, activations, peak; CPU: ``MemTracker``, CUDA: ``max_memory_allocated``) and estimates
+it for LLaMA 60M to 7B in the GaLore paper's configurations on the meta device, without allocating
+weights (bench/memory.py). It needs no GPU; on a 2-core CPU it takes about 4 minutes (``--smoke``: a
+tiny demo model and LLaMA 60M without the simulated peak, seconds; ``--quick`` is the default run).
+
+``--op comm`` starts ``--world`` (default 2) gloo processes on the CPU, shards a LLaMA-like model with
+FSDP2 (``fully_shard``) and measures the bytes each rank passes to collectives inside ``opt.step()`` (every
+projector, both sides, refresh and plain steps) next to FSDP2's own all-gathers and reduce-scatters, and
+the optimizer state each rank holds against the single-process state (bench/comm.py).
 
 The table goes to stdout as markdown with padded columns, followed by a ratios section computed from
 the same run; progress goes to stderr. ``--json`` writes the rows, ``--md`` the same report as stdout.
@@ -190,6 +203,14 @@ def _parse_shape(text: str) -> Tuple[int, int]:
         raise argparse.ArgumentTypeError(f"shape must look like 4096x11008, got {text!r}") from None
 
 
+def _parse_tokens(text: str) -> Tuple[int, int]:
+    try:
+        b, t = text.lower().split("x")
+        return int(b), int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tokens must look like 1x256 (batch x sequence), got {text!r}") from None
+
+
 class Runner:
     def __init__(self, device: str, cfg: ModeConfig, meta: dict, rates: dict, ops: Sequence[str],
                  providers: Optional[Sequence[str]], seed: int = 0):
@@ -354,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", type=_parse_list, help="from fp32, bf16, fp16")
     p.add_argument("--ops", "--op", type=_parse_list,
                    help=f"subset of {', '.join(cases.OPS)}; or host_step alone (bench/host.py: the host cost of "
-                        "opt.step() on the Triton path, kernels compiled for sm_90, not run; no GPU needed)")
+                        "opt.step() on the Triton path, kernels compiled for sm_90, not run; no GPU needed); or memory "
+                        "alone (bench/memory.py: training memory, measured on the demo model and estimated for LLaMA); or "
+                        "comm alone (bench/comm.py: FSDP2 collectives and per-rank state, gloo on CPU)")
     p.add_argument("--providers", type=_parse_list, help="only these providers (all ops)")
     p.add_argument("--gap", type=int, default=200, help="steps per refresh for step_amortized (default 200)")
     p.add_argument("--rounds", type=int, help="CPU: fixed number of timing rounds per group")
@@ -371,6 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LLaMA-7B layers in the parameter set (default: 32; --quick 4, --smoke 1)")
     h.add_argument("--profile", type=int, metavar="STEPS",
                    help="also cProfile STEPS steady steps per provider and report the top functions")
+    mem = p.add_argument_group("--op memory (bench/memory.py)")
+    mem.add_argument("--models", type=_parse_list, metavar="SIZES",
+                     help="LLaMA sizes to estimate, from 60M, 130M, 350M, 1B, 7B (default: all; --smoke 60M)")
+    mem.add_argument("--tokens", type=_parse_tokens, metavar="BxT",
+                     help="token batch of the estimates' activations, batch x sequence (default 1x256)")
+    comm = p.add_argument_group("--op comm (bench/comm.py)")
+    comm.add_argument("--world", type=int, metavar="N", help="gloo processes to start (default 2)")
     g = p.add_argument_group("static GPU codegen report, no GPU needed (bench/codegen.py)")
     g.add_argument("--compile-only", metavar="ARCHS",
                    help="compile every kernel variant for sm_90 and/or sm_80 (comma-separated), report "
@@ -400,8 +430,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from . import host  # needs no GPU: compiles for sm_90 on this machine, times the host path
 
         return host.main(args, argv, parser)
+    if args.ops and "comm" in args.ops:
+        if args.ops != ["comm"]:
+            parser.error("--op comm runs alone (python -m bench --op comm)")
+        from . import comm  # CPU only: gloo processes, FSDP2, collectives counted
+
+        return comm.main(args, argv, parser)
+    if args.world is not None:
+        parser.error("--world goes with --op comm")
     if args.layers is not None or args.profile is not None:
         parser.error("--layers and --profile go with --op host_step")
+    if args.ops and "memory" in args.ops:
+        if args.ops != ["memory"]:
+            parser.error("--op memory runs alone (python -m bench --op memory)")
+        from . import memory  # needs no GPU: measures the demo model here, estimates LLaMA on the meta device
+
+        return memory.main(args, argv, parser)
+    if args.models is not None or args.tokens is not None:
+        parser.error("--models and --tokens go with --op memory")
     if args.target_only and args.no_target:
         parser.error("--target-only and --no-target exclude each other")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

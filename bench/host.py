@@ -51,6 +51,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import report
+
 ROOT = Path(__file__).resolve().parent.parent
 ARCH = "sm_90"
 NEVER = 10**9  # update_proj_gap: no refresh in any timed step
@@ -594,15 +596,6 @@ def markdown(doc: dict, mode: str, command: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_json(doc: dict, path: str) -> None:
-    import json
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-
-
 # ---------------------------------------------------------------------------------------------------
 # CLI entry (python -m bench --op host_step)
 # ---------------------------------------------------------------------------------------------------
@@ -652,7 +645,7 @@ def main(args: argparse.Namespace, argv: Optional[Sequence[str]], parser: argpar
     text = markdown(doc, mode, command) + f"\n(total {time.perf_counter() - t0:.0f} s)\n"
     print(text, end="")
     if args.json:
-        write_json(doc, args.json)
+        report.write_json(doc, args.json)
     if args.md:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
         Path(args.md).write_text(text, encoding="utf-8")

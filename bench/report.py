@@ -275,9 +275,13 @@ def markdown(rows: Sequence[dict], meta: dict, rates: dict, mode: str, gap: int,
     return "\n".join(parts) + "\n"
 
 
-def write_json(rows: Sequence[dict], path: str) -> None:
+def write_json(doc, path: str) -> None:
+    """``doc`` (a dict, or a sequence of rows) as indented JSON at ``path``, its folder created."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(list(rows), f, indent=1)
+        json.dump(doc if isinstance(doc, dict) else list(doc), f, indent=1)
         f.write("\n")
 
 

@@ -158,3 +158,60 @@ def test_help_subprocess():
         assert flag in result.stdout
     for name in demo.OPTIMIZERS:
         assert name in result.stdout
+
+
+# -- --fsdp: FSDP2 under torchrun ----------------------------------------------------------------------
+FSDP_RUN = TINY + ["--steps", "12", "--optim", "adamw,galore", "--update-proj-gap", "5"]
+
+
+def test_fsdp_without_torchrun_says_how_to_launch(capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--fsdp"])
+    assert "torchrun --nproc-per-node 2 -m subspace_ops.demo --fsdp" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "16"], "divisible by the number of processes (3)"),
+    (["--grokfast", "ema"], "--fsdp with --grokfast is not supported"),
+])
+def test_fsdp_bad_flags(argv, message, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--fsdp", "--device", "cpu", "--batch-size", "15", *argv])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_fsdp_under_torchrun_matches_one_process(tmp_path):
+    """``torchrun --nproc-per-node 2 -m subspace_ops.demo --fsdp``: rank 0 prints the table with the
+    per-rank state column, and the losses equal one process's on the same batches (FSDP2 averages the
+    gradients of the ranks' equal slices: the whole batch's gradient, up to summation order)."""
+    path = tmp_path / "fsdp.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "subspace_ops.demo", "--fsdp", *FSDP_RUN, "--json", str(path)],
+        capture_output=True, text=True, env=env, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = result.stdout
+    assert "state MiB/rank" in out and "FSDP2 over 2 processes" in out
+    assert out.count("val loss") == 1  # rank 0 alone prints
+    for name in ("adamw", "galore"):
+        assert sum(line.startswith(name + " ") for line in out.splitlines()) == 1, out
+    data = json.loads(path.read_text())
+    assert data["config"]["world"] == 2 and data["config"]["fsdp"]
+    single = {r["optimizer"]: r for r in demo.main(FSDP_RUN)}
+    for row in data["rows"]:
+        ref = single[row["optimizer"]]
+        # the whole state, summed over the shards, as one process holds it; each rank about half of it
+        assert row["state_bytes"] == ref["state_bytes"]
+        assert row["state_bytes_per_rank"] < 0.75 * row["state_bytes"]
+        assert row["train_losses"] == pytest.approx(ref["train_losses"], rel=1e-5, abs=1e-5), row["optimizer"]
+        assert row["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5), row["optimizer"]

@@ -47,3 +47,28 @@ def test_using_it_example_runs_verbatim(tmp_path, monkeypatch, capsys):
     want = x @ namespace["target"]
     with torch.no_grad():
         assert nn.functional.mse_loss(model(x), want) < 0.9 * want.pow(2).mean()
+
+
+def test_step_in_backward_example_runs_verbatim():
+    """The README's "Step in backward" example runs as written, steps inside backward (no .grad left
+    behind) and trains."""
+    text = README.read_text(encoding="utf-8")
+    _, found, section = text.partition("\n### Step in backward")
+    assert found, 'README.md has no "### Step in backward" section'
+    section = re.split(r"\n### ", section, maxsplit=1)[0]
+    match = re.search(r"^```python\n(.*?)^```[ \t]*$", section, re.S | re.M)
+    assert match, 'no ```python block under "### Step in backward"'
+    code = match.group(1)
+    assert "step_in_backward" in code and "..." not in code
+    torch.manual_seed(0)
+    namespace = {"__name__": "__readme__"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # includes torch's "scheduler before optimizer" warning
+        exec(compile(code, f"{README} (Step in backward)", "exec"), namespace)
+    model, opt = namespace["model"], namespace["opt"]
+    assert opt._backward is None  # removed
+    assert all(p.grad is None for p in model.parameters())
+    assert all(int(opt.state[p]["step"]) == 30 for p in model.parameters())
+    x = torch.randn(256, 64)
+    with torch.no_grad():
+        assert nn.functional.mse_loss(model(x), x.flip(1)) < 0.9 * x.pow(2).mean()

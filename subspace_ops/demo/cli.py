@@ -9,6 +9,7 @@ from typing import List
 
 import torch
 
+from . import fsdp
 from .data import CharTokenizer, eval_windows, load_corpus, split_corpus
 from .model import GPT
 from .report import format_table, import_pyplot, plot_losses
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PATH", default=None, help="write a PNG of the loss curves (needs matplotlib)")
     p.add_argument("--json", metavar="PATH", default=None, help="write the configuration and result rows as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--fsdp", action="store_true",
+        help=f"shard the model with FSDP2 (fully_shard, gloo on the CPU) over the processes torchrun starts; "
+        f"each rank trains on its slice of every batch, rank 0 prints the table with each rank's state memory: "
+        f"{fsdp.TORCHRUN}",
+    )
     return p
 
 
@@ -103,6 +110,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     if not 0.0 <= args.warmup_fraction < 1.0:
         parser.error("--warmup-fraction must be in [0, 1)")
+    if args.fsdp:
+        if not fsdp.launched_by_torchrun():
+            parser.error(f"--fsdp runs one process per rank, started by torchrun: {fsdp.TORCHRUN} "
+                         "[other flags] (RANK and WORLD_SIZE are not set, so this process was not)")
+        if torch.device(args.device).type != "cpu":
+            parser.error(f"--fsdp: this demo shards over gloo on the CPU; add --device cpu "
+                         f"(got --device {args.device})")
+        if args.grokfast != "none":
+            parser.error("--fsdp with --grokfast is not supported: subspace_ops.GradFilter does not take the "
+                         "DTensor gradients of an FSDP2 model yet")
+        world = int(os.environ["WORLD_SIZE"])
+        if args.batch_size % world:
+            parser.error(f"--fsdp: --batch-size ({args.batch_size}) must be divisible by the number of processes "
+                         f"({world}), so that every rank takes an equal slice of each batch")
     return args
 
 
@@ -112,15 +133,21 @@ def main(argv=None) -> List[dict]:
     plt = import_pyplot() if args.plot else None  # fail before training, not after
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    ctx = fsdp.init() if args.fsdp else None
     try:
-        return run(args, plt)
+        return run(args, plt, ctx)
     finally:
         torch.set_num_threads(threads)  # main() may be called from a longer-lived process (tests)
+        if ctx is not None:
+            fsdp.shutdown()
 
 
-def run(args: argparse.Namespace, plt) -> List[dict]:
-    """Load the corpus, build one initial model, train a copy of it with every chosen optimizer, report."""
+def run(args: argparse.Namespace, plt, ctx=None) -> List[dict]:
+    """Load the corpus, build one initial model, train a copy of it with every chosen optimizer, report.
+    ``ctx`` (``fsdp.Context``): this process is one rank of an FSDP2 run; only rank 0 prints and writes."""
     device = torch.device(args.device)
+    main_rank = ctx is None or ctx.main
+    say = print if main_rank else (lambda *a, **k: None)
 
     text = load_corpus()
     tokenizer = CharTokenizer(text)
@@ -130,12 +157,14 @@ def run(args: argparse.Namespace, plt) -> List[dict]:
     torch.manual_seed(args.seed)
     initial = GPT(tokenizer.vocab_size, args.context, args.d_model, args.layers, args.heads)
     n_params = sum(p.numel() for p in initial.parameters())
-    print(
+    say(
         f"corpus: pydoc_data.topics, {len(text):,} chars, vocab {tokenizer.vocab_size}, "
         f"train {len(train):,} / val {len(val):,} | model: {args.layers} layers, d_model {args.d_model}, "
         f"{args.heads} heads, context {args.context}, {n_params / 1e6:.2f}M params | "
         f"{args.steps} steps x batch {args.batch_size} | rank {args.rank}, gap {args.update_proj_gap} | "
-        f"device {device}, {torch.get_num_threads()} threads",
+        f"device {device}, {torch.get_num_threads()} threads"
+        + ("" if ctx is None else f" per rank | FSDP2 over {ctx.world} processes (gloo), "
+           f"{args.batch_size // ctx.world} sequences of each batch per rank"),
         flush=True,
     )
 
@@ -143,7 +172,9 @@ def run(args: argparse.Namespace, plt) -> List[dict]:
     for name in args.optim_names:
         torch.manual_seed(args.seed)  # the optimizers' own randomness, if any, starts the same too
         model = copy.deepcopy(initial).to(device)
-        rows.append(train_one(name, model, train, val_xy, args, device))
+        if ctx is not None:
+            fsdp.shard(model)
+        rows.append(train_one(name, model, train, val_xy, args, device, ctx))
 
     adamw = next((r for r in rows if r["optimizer"] == "adamw"), None)
     for r in rows:
@@ -151,10 +182,13 @@ def run(args: argparse.Namespace, plt) -> List[dict]:
         reference = adamw["state_bytes"] if adamw else sum(2 * p.numel() * p.element_size() + 4 for p in initial.parameters())
         r["state_ratio"] = r["state_bytes"] / reference
 
-    print()
-    print(format_table(rows))
+    say()
+    say(format_table(rows, 1 if ctx is None else ctx.world))
+    if not main_rank:
+        return rows
     if args.json:
         config = {k: v for k, v in vars(args).items()}
+        config["world"] = 1 if ctx is None else ctx.world  # processes (FSDP2 ranks)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"config": config, "rows": rows}, f, indent=1)
         print(f"wrote {args.json}")

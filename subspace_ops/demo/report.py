@@ -77,8 +77,12 @@ def subspace_summary(optimizer: torch.optim.Optimizer) -> dict:
     }
 
 
-def format_table(rows: List[dict]) -> str:
-    header = ("optimizer", "val loss", "state MiB", "vs AdamW", "step ms", "opt.step ms", "energy", "min cos")
+def format_table(rows: List[dict], world: int = 1) -> str:
+    """The result table; with FSDP (``world`` ranks, rows with ``state_bytes_per_rank``) a column of
+    the optimizer state one rank holds."""
+    per_rank = bool(rows) and all("state_bytes_per_rank" in r for r in rows)
+    header = ("optimizer", "val loss", "state MiB") + (("state MiB/rank",) if per_rank else ()) + (
+        "vs AdamW", "step ms", "opt.step ms", "energy", "min cos")
 
     def opt(value):
         return "-" if value is None else f"{value:.3f}"
@@ -88,6 +92,7 @@ def format_table(rows: List[dict]) -> str:
             r["optimizer"],
             f"{r['val_loss']:.4f}",
             f"{r['state_bytes'] / 2**20:.3f}",
+            *((f"{r['state_bytes_per_rank'] / 2**20:.3f}",) if per_rank else ()),
             f"{r['state_ratio']:.3f}",
             f"{r['step_ms']:.1f}",
             f"{r['opt_step_ms']:.2f}",
@@ -109,6 +114,13 @@ def format_table(rows: List[dict]) -> str:
         "energy |project(G)|^2/|G|^2 at the last refresh, min cos: smallest principal-angle cosine "
         "between the old and new basis there (means over the low-rank matrices)"
     )
+    if per_rank:
+        lines.append(
+            f"FSDP2 over {world} processes: state MiB/rank: the optimizer state one rank holds (its local "
+            f"shards; state replicated on every rank, such as a right-side basis, counted whole), the largest "
+            f"over the {world} ranks; state MiB and vs AdamW: the whole state, summed over the shards; step "
+            "times: rank 0's"
+        )
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 import subspace_ops
 
 from .data import get_batch
+from .fsdp import local_state_bytes
 from .report import ProgressBar, subspace_summary
 
 # ------------------------------------------------------------------------------------------------
@@ -144,8 +145,12 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return subspace_ops.memory_report(optimizer)["state_bytes"]
 
 
-def train_one(name: str, model: nn.Module, train: Tensor, val_xy, args, device: torch.device) -> dict:
-    """Train ``model`` in place with optimizer ``name``; return its result row."""
+def train_one(name: str, model: nn.Module, train: Tensor, val_xy, args, device: torch.device, ctx=None) -> dict:
+    """Train ``model`` in place with optimizer ``name``; return its result row.
+
+    ``ctx`` (``demo.fsdp.Context``): ``model`` is sharded with FSDP2 and this process is one rank of
+    the run: it steps on its slice of each batch, the training loss is the mean over the ranks, and
+    the row adds ``state_bytes_per_rank`` (the largest rank's local state)."""
     optimizer = OPTIMIZERS[name](model, args)
     grad_filter = None if args.grokfast == "none" else subspace_ops.GradFilter(model, mode=args.grokfast)
     warmup = max(1, int(args.steps * args.warmup_fraction))
@@ -159,10 +164,13 @@ def train_one(name: str, model: nn.Module, train: Tensor, val_xy, args, device: 
     train_losses: List[float] = []
     step_s: List[float] = []
     opt_s: List[float] = []
-    bar = ProgressBar(args.steps, name, enabled=not args.no_progress)
+    bar = ProgressBar(args.steps, name, enabled=not args.no_progress and (ctx is None or ctx.main))
+    part = None if ctx is None else ctx.local_slice(args.batch_size)
     model.train()
     for step in range(1, args.steps + 1):
         x, y = get_batch(train, args.batch_size, model.context, generator, device)
+        if part is not None:  # every rank draws the whole batch (same generator) and takes its slice
+            x, y = x[part], y[part]
         _sync(device)
         t0 = time.perf_counter()
         loss = model(x, y)
@@ -181,7 +189,7 @@ def train_one(name: str, model: nn.Module, train: Tensor, val_xy, args, device: 
         step_s.append(t2 - t0)
         opt_s.append(t2 - t1)
 
-        loss_value = loss.item()
+        loss_value = loss.item() if ctx is None else ctx.mean(loss.item())  # the whole batch's mean
         if not math.isfinite(loss_value):
             bar.close()
             raise RuntimeError(f"{name}: training loss became {loss_value} at step {step}; try a lower learning rate")
@@ -196,12 +204,14 @@ def train_one(name: str, model: nn.Module, train: Tensor, val_xy, args, device: 
     # Medians after a short warm-up (first-call allocations, lazy init); the median also keeps the
     # occasional basis-refresh step of GaLore out of the typical step time.
     skip = min(args.steps - 1, max(1, args.steps // 10))
+    per_rank = {} if ctx is None else {"state_bytes_per_rank": ctx.max(local_state_bytes(optimizer))}
     return {
         "optimizer": name,
         "val_loss": final_val,
         "initial_val_loss": initial_val,
         "final_train_loss": train_losses[-1],
         "state_bytes": optimizer_state_bytes(optimizer),
+        **per_rank,
         "step_ms": 1e3 * statistics.median(step_s[skip:]),
         "opt_step_ms": 1e3 * statistics.median(opt_s[skip:]),
         **subspace_summary(optimizer),
