@@ -254,3 +254,55 @@ def test_fused_kernels_in_backward_match_the_reference():
         handle.remove()
         results[backend] = [p.detach() - p0 for p, p0 in zip(model.parameters(), init)]
     assert _rel(results["triton"], results["reference"]) <= 1e-5
+
+
+# -- FSDP2 ------------------------------------------------------------------------------------------
+WORLD = 2
+FSDP_CONFIGS = [("galore", "svd", 3, CLIP), ("galore", "randomized", 3, None), ("galore", "gaussian", 1, CLIP),
+                ("snsm", "svd", 3, CLIP)]
+
+
+def _fsdp_worker(rank, init_file, out_file):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        results = []
+        for name, projector, k, clip in FSDP_CONFIGS:
+            model = _model()
+            for i in (0, 2, 4, 6):
+                fully_shard(model[i])
+            fully_shard(model)
+            opt, sched = _optimizer(name, model, projector, True)
+            X, Y = _data(k, 6)
+            handle = opt.step_in_backward(accumulation_steps=k, max_grad_norm=clip)
+            for i in range(6 * k):
+                x, y = X[i].chunk(WORLD)[rank], Y[i].chunk(WORLD)[rank]
+                (((model(x) - y) ** 2).mean() / k).backward()
+                if (i + 1) % k == 0:
+                    sched.step()
+            handle.remove()
+            results.append([p.full_tensor() for p in model.parameters()])
+        if rank == 0:
+            torch.save(results, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_step_in_backward_equals_one_process_on_the_whole_batch(tmp_path):
+    """Under FSDP2 the hooks fire on the reduced, sharded gradient: 2 gloo ranks stepping inside
+    backward (accumulation, clipping over the shards' global norm) equal one process's ordinary loop
+    on the whole batch (float64)."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path / "params.pt"
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
+    sharded = torch.load(out, weights_only=True)
+    init = [p.detach().clone() for p in _model().parameters()]
+    for (name, projector, k, clip), got in zip(FSDP_CONFIGS, sharded):
+        want, _ = ordinary(name, projector, True, k=k, clip=clip, steps=6)
+        assert _rel([g - p0 for g, p0 in zip(got, init)], want) <= 1e-10, (name, projector, k, clip)
