@@ -524,7 +524,7 @@ def analyse(cfg: CommConfig, world: int, results: List[dict], single: dict) -> d
 
 
 _SHORT = {"allreduce_": "ar", "_allgather_base_": "ag", "_reduce_scatter_base_": "rs", "broadcast_": "bc",
-          "gather_": "ga", "allgather_": "ag", "reduce_scatter_": "rs"}
+          "gather_": "ga", "allgather_": "ag", "reduce_scatter_": "rs", "scatter_": "sc"}
 
 
 def _ops_text(by_op: dict) -> str:
@@ -583,7 +583,7 @@ def markdown(doc: dict, mode: str, command: str) -> str:
         body.append([str(step), _kib(f["all_gather_sent"]), _kib(f["reduce_scatter_sent"]), _kib(f["other_sent"]),
                      _ops_text(f["by_op_rank0"])])
     lines += _table(["step", "param all-gather KiB", "grad reduce-scatter KiB", "other KiB", "collectives"], body)
-    lines += ["", "ag: all-gather, rs: reduce-scatter, ar: all-reduce, bc: broadcast, ga: gather; xN: count.", ""]
+    lines += ["", "ag: all-gather, rs: reduce-scatter, ar: all-reduce, bc: broadcast, ga: gather, sc: scatter; xN: count.", ""]
     lines += [f"## `opt.step()` per rank per step (KiB; vs FSDP2's gradient reduce-scatter {_kib(rs)} KiB)", ""]
     head = ["optimizer", "side", "projector", f"step {FIRST} (first basis)", f"step {REFRESH} (refresh)",
             "of which diagnostics", "refresh / RS", f"step {PLAIN} (no refresh)", "no-refresh / RS",

@@ -21,8 +21,8 @@ What the math asks of a communicator:
 * ``local_rows(X)``: this rank's rows of a matrix every rank holds whole.
 * ``scatter_cols(R)`` / ``gather_cols(N)``: the reduce-scatter / all-gather of a small (r x n)
   matrix over its columns, for the left side's column-sharded moments.
-* ``gather_to(X, owner)`` / ``broadcast_(t, owner)``: the exact SVD's refresh, the one that moves
-  whole gradients.
+* ``gather_to(X, owner)``, ``scatter_rows`` / ``broadcast_(t, owner)``: the exact SVD's refresh, the
+  one that moves whole gradients (each left basis goes back as rows, each right one whole).
 
 Every ``Rows`` collective adds its bytes to ``Rows.sent`` (per kind), which tests and ``bench`` read.
 """
@@ -109,8 +109,8 @@ def orthonormalize_basis(basis, comm=LOCAL):
 
 def broadcast_basis(comm, basis, owner: int, side: str, m: int, n: int, rank: int, dtype, device):
     """The basis rank ``owner`` computed from the whole gradient (a ``Basis`` there, or None when it
-    could not compute one), on every rank: left parts as this rank's rows, right parts whole. One
-    flag, then each part, broadcast from the owner; None everywhere when the owner had none."""
+    could not compute one), on every rank: left parts as this rank's rows (scattered), right parts
+    whole (broadcast). A flag first; None everywhere when the owner had none."""
     from .basis import Basis
 
     mine = comm.rank == owner
@@ -119,9 +119,12 @@ def broadcast_basis(comm, basis, owner: int, side: str, m: int, n: int, rank: in
         return None
     parts = []
     for i, (part_side, rows) in enumerate(zip(Basis.part_sides(side), Basis.part_rows(side, m, n))):
-        P = basis.parts[i].contiguous() if mine else torch.empty((rows, rank), dtype=dtype, device=device)
-        comm.broadcast_(P, owner)
-        parts.append(comm.local_rows(P).clone() if part_side == "left" else P)  # no view of the whole
+        P = basis.parts[i].to(dtype).contiguous() if mine else None
+        if part_side == "left":
+            parts.append(comm.scatter_rows(P, owner, rank, dtype, device))
+        else:
+            P = P if mine else torch.empty((rows, rank), dtype=dtype, device=device)
+            parts.append(comm.broadcast_(P, owner))
     return Basis.from_parts(side, parts)
 
 
@@ -277,6 +280,21 @@ class Rows:
             return torch.cat(parts)[: self.m]
         dist.gather(X, None, dst=dst, group=self.group)
         return None
+
+    def scatter_rows(self, X: Optional[Tensor], owner: int, cols: int, dtype, device) -> Tensor:
+        """This rank's rows of the whole (m x cols) ``X`` that rank ``owner`` holds (None elsewhere):
+        a scatter, so each rank receives only its rows."""
+        import torch.distributed as dist
+
+        out = torch.empty((self.chunk, cols), dtype=dtype, device=device)
+        src = dist.get_global_rank(self.group, owner)
+        if self.rank == owner:
+            padded = self._pad_rows(X, self.chunk * self.world).contiguous()
+            self._count("scatter", padded)
+            dist.scatter(out, list(padded.chunk(self.world)), src=src, group=self.group)
+        else:
+            dist.scatter(out, None, src=src, group=self.group)
+        return out[: self.rows].clone()
 
     def broadcast_(self, t: Tensor, owner: int) -> Tensor:
         import torch.distributed as dist
