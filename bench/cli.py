@@ -485,7 +485,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runner = Runner(device, cfg, meta, rates, ops, args.providers, args.seed)
     if args.no_target:
         runner.exclude = lambda spec: (spec.m, spec.n, spec.rank) == TARGET and spec.dtype in TARGET_DTYPES
-    command = ("python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = report.command_line(argv)
 
     def write(raw_rows: List[dict], final: bool) -> Tuple[List[dict], str]:
         # Written after every shape too, so a run cut short by a timeout still leaves its rows.

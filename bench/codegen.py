@@ -861,7 +861,9 @@ def main(args, argv: Optional[Sequence[str]]) -> int:
         print(f"bench --compile-only: interrupted, writing the {len(rows)} rows done", file=sys.stderr, flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    command = ("python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    from .report import command_line
+
+    command = command_line(argv)
     doc = document(rows, archs, command, report)
     doc["partial"] = partial
     doc["cases"] = len(cases)

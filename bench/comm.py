@@ -56,7 +56,6 @@ import traceback
 import warnings
 from collections import Counter
 from datetime import timedelta
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -681,14 +680,9 @@ def main(args: argparse.Namespace, argv: Optional[Sequence[str]], parser: argpar
     finally:
         torch.set_num_threads(threads)
     doc = analyse(cfg, world, results, single)
-    command = ("python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = report.command_line(argv)
     meta["load_end"] = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
     doc = {"command": command, "mode": mode, "meta": meta, **doc, "units": "bytes"}
     text = markdown(doc, mode, command) + f"\n(total {time.perf_counter() - t0:.0f} s)\n"
-    print(text, end="")
-    if args.json:
-        report.write_json(doc, args.json)
-    if args.md:
-        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.md).write_text(text, encoding="utf-8")
+    report.publish(text, doc, args)
     return 0

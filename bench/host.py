@@ -639,14 +639,9 @@ def main(args: argparse.Namespace, argv: Optional[Sequence[str]], parser: argpar
     t0 = time.perf_counter()
     log(f"bench: host_step {mode}: {shapes_text(cfg)}; {', '.join(providers)}")
     doc = run(cfg, providers, profile=args.profile or 0, log=log)
-    command = ("python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = report.command_line(argv)
     doc["command"] = command
     doc["mode"] = mode
     text = markdown(doc, mode, command) + f"\n(total {time.perf_counter() - t0:.0f} s)\n"
-    print(text, end="")
-    if args.json:
-        report.write_json(doc, args.json)
-    if args.md:
-        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.md).write_text(text, encoding="utf-8")
+    report.publish(text, doc, args)
     return 0

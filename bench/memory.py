@@ -60,7 +60,6 @@ import dataclasses
 import gc
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -827,15 +826,10 @@ def main(args: argparse.Namespace, argv: Optional[Sequence[str]], parser: argpar
     measured = run_measured(device, demo_flags, ROWS, log)
     # smoke (CI, seconds): no simulated peak for LLaMA; the measured section's estimate still simulates
     estimated = run_estimated(configs, ROWS, tokens, log, simulate=mode != "smoke")
-    command = ("python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = report.command_line(argv)
     doc = {"command": command, "mode": mode, "meta": meta, "measured": measured, "tokens": list(tokens),
            "estimated": estimated, "units": {"measured": "bytes", "estimated": "bytes"},
            "published": {"source": PAPER, "table6_G": PAPER_TABLE6, "7B_G": PAPER_7B, "7B_notes": list(PAPER_7B_NOTES)}}
     text = markdown(doc) + f"\n(total {time.perf_counter() - t0:.0f} s)\n"
-    print(text, end="")
-    if args.json:
-        report.write_json(doc, args.json)
-    if args.md:
-        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.md).write_text(text, encoding="utf-8")
+    report.publish(text, doc, args)
     return 0

@@ -275,6 +275,25 @@ def markdown(rows: Sequence[dict], meta: dict, rates: dict, mode: str, gap: int,
     return "\n".join(parts) + "\n"
 
 
+def command_line(argv) -> str:
+    """The command a report says it came from: ``python -m bench`` and its arguments."""
+    import sys
+
+    return ("python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+
+
+def publish(text: str, doc, args) -> None:
+    """Print the markdown ``text`` and write ``--json`` (``doc``) and ``--md`` (``text``) when asked."""
+    from pathlib import Path
+
+    print(text, end="")
+    if args.json:
+        write_json(doc, args.json)
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(text, encoding="utf-8")
+
+
 def write_json(doc, path: str) -> None:
     """``doc`` (a dict, or a sequence of rows) as indented JSON at ``path``, its folder created."""
     from pathlib import Path
