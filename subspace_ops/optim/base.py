@@ -547,11 +547,7 @@ class SubspaceOptimizer(Optimizer):
         side = basis_side(group["proj_type"], m, n)
         rank = effective_rank(group["rank"], m, n)
         proj = projectors.get(group["projector"])
-        state = self.state[p]
-        comm = LOCAL
-        if is_dtensor(p):  # FSDP2: this rank's rows, the state seen through its local shards
-            comm = self._comm(p)
-            state = ShardedState(state, comm, lambda key: self._placement(proj, key, side, m, n), n)
+        state, comm = self._matrix_state(p, proj, side, m, n)
         if not state:
             if group["rank"] >= min(m, n):
                 warnings.warn(
@@ -646,10 +642,8 @@ class SubspaceOptimizer(Optimizer):
         n = p.numel() // m
         side = basis_side(group["proj_type"], m, n)
         proj = projectors.get(group["projector"])
-        state, comm, G = self.state[p], LOCAL, p.grad
-        if is_dtensor(p):
-            comm, G = self._comm(p), local(G)
-            state = ShardedState(state, comm, lambda k: self._placement(proj, k, side, m, n), n)
+        state, comm = self._matrix_state(p, proj, side, m, n)
+        G = local(p.grad)
         G = G.reshape(G.shape[0], n)
         basis = self._basis(proj, state, group, side, G, index, comm)
         R = basis.project(G)
@@ -663,6 +657,14 @@ class SubspaceOptimizer(Optimizer):
         p.grad = None
 
     # -- row-sharded matrices (FSDP2) -----------------------------------------------------------
+    def _matrix_state(self, p: Tensor, proj, side: str, m: int, n: int) -> tuple:
+        """``(state, comm)`` of a low-rank matrix: its state dict and ``LOCAL``; for a DTensor (FSDP2)
+        its state seen through this rank's shards (``ShardedState``) and its row sharding."""
+        if not is_dtensor(p):
+            return self.state[p], LOCAL
+        comm = self._comm(p)
+        return ShardedState(self.state[p], comm, lambda key: self._placement(proj, key, side, m, n), n), comm
+
     def _comm(self, p) -> Rows:
         entry = self._comms.get(id(p))
         if entry is None or entry[0] is not p:
@@ -853,10 +855,9 @@ class SubspaceOptimizer(Optimizer):
                         n = p.numel() // m
                         side = basis_side(group["proj_type"], m, n)
                         proj = projectors.get(group["projector"])
-                        state, comm, G = self.state[p], LOCAL, p.grad
-                        if is_dtensor(p):  # FSDP2: collective, like the step (call it on every rank)
-                            comm, G = self._comm(p), local(G)
-                            state = ShardedState(state, comm, lambda k: self._placement(proj, k, side, m, n), n)
+                        # FSDP2: collective, like the step (call it on every rank)
+                        state, comm = self._matrix_state(p, proj, side, m, n)
+                        G = local(p.grad)
                         G = G.reshape(G.shape[0], n)
                         basis = self._basis(proj, state, group, side, G, index, comm)
                         if basis is not None:
