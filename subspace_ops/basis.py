@@ -120,8 +120,10 @@ class Basis:
                 self.right.shape[1] if self.right is not None else n)
 
     def is_finite(self) -> bool:
-        # Meta tensors (memory estimates: bench/memory.py) have no values to check: taken as finite.
-        return all(p.device.type == "meta" or bool(torch.isfinite(p).all()) for p in self.parts)
+        """Every part finite (meta tensors, which have no values, count as finite: ``all_finite``)."""
+        from .distributed import LOCAL, all_finite
+
+        return all_finite(LOCAL, *self.parts)
 
     # -- the math (the reference's: fp32, float64 for float64) -----------------------------------
     def project(self, G: Tensor) -> Tensor:

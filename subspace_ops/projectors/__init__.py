@@ -23,6 +23,7 @@ from .base import (  # noqa: F401
     parameter_seed,
     register,
 )
+from ..distributed import LOCAL, all_finite
 from .svd import SVDProjector, exact_basis, svd_basis  # noqa: F401
 from .randomized import RandomizedProjector, _randomized, randomized_basis, randomized_svd  # noqa: F401
 from .online_pca import (  # noqa: F401
@@ -63,7 +64,7 @@ def compute_basis(G, rank: int, side: str, projector: str = "svd", *, previous=N
     if isinstance(proj, RandomizedProjector):
         import torch
 
-        if not bool(torch.isfinite(G).all()):
+        if not all_finite(LOCAL, G):
             return None
         try:
             basis = finite_or_none(_randomized(G, rank, side, oversample=oversample, power_iters=power_iters,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..distributed import LOCAL, all_finite
 from .base import Basis, Projector, finite_or_none, register
 
 
@@ -24,7 +25,7 @@ def _svd(G: Tensor, rank: int, side: str) -> Basis:
 
 def exact_basis(G: Tensor, rank: int, side: str):
     """``svd_basis`` of a finite ``G``, or None (non-finite gradient, SVD not converging)."""
-    if G.device.type != "meta" and not bool(torch.isfinite(G).all()):  # meta: no values to check
+    if not all_finite(LOCAL, G):  # meta tensors: no values to check
         return None
     try:
         basis = finite_or_none(_svd(G, rank, side))
