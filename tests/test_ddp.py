@@ -73,17 +73,13 @@ def test_ddp_equals_one_process_on_the_whole_batch(name, tmp_path):
     assert not all(torch.equal(a, p) for a, p in zip(single, _model().parameters()))  # it trained
 
 
-def _dtensor_worker(rank, init_file, out_file):
+def _error_worker(rank, init_file, out_file, attempt):
+    """Run ``attempt()`` on every rank of a gloo group; rank 0 writes the ValueError it raised (or
+    "no error") to ``out_file``."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
-
-        mesh = init_device_mesh("cpu", (WORLD,))
-        W = torch.nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)]))  # not fully_shard's layout
-        b = torch.nn.Parameter(torch.randn(4))
         try:
-            GaLoreAdamW([{"params": [b]}, {"params": [W], "rank": 2}])
+            attempt()
             message = "no error"
         except ValueError as e:
             message = str(e)
@@ -92,44 +88,42 @@ def _dtensor_worker(rank, init_file, out_file):
                 f.write(message)
     finally:
         dist.destroy_process_group()
+
+
+def _error_message(tmp_path, attempt) -> str:
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path / "message.txt"
+    mp.spawn(_error_worker, args=(str(tmp_path / "init"), str(out), attempt), nprocs=WORLD, join=True)
+    return out.read_text()
+
+
+def _column_sharded_matrix():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    W = torch.nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)]))  # not fully_shard's layout
+    b = torch.nn.Parameter(torch.randn(4))
+    GaLoreAdamW([{"params": [b]}, {"params": [W], "rank": 2}])
 
 
 def test_column_sharded_dtensor_parameters_get_a_clear_error(tmp_path):
     """A low-rank DTensor matrix sharded other than over its rows (here Shard(1), as tensor
     parallelism makes) gets a ValueError at construction naming the parameter and its placement and
     pointing at fully_shard, instead of a crash inside torch at the first step."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path / "message.txt"
-    mp.spawn(_dtensor_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
-    message = out.read_text()
+    message = _error_message(tmp_path, _column_sharded_matrix)
     assert "parameter 1 (shape (6, 4)) is a DTensor" in message and "Shard(dim=1)" in message
     assert "fully_shard" in message
 
 
-def _step_in_backward_worker(rank, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        model = torch.nn.parallel.DistributedDataParallel(_model())
-        opt = GaLoreAdamW([{"params": list(model.parameters()), "rank": 2}])
-        try:
-            opt.step_in_backward()
-            message = "no error"
-        except ValueError as e:
-            message = str(e)
-        if rank == 0:
-            with open(out_file, "w") as f:
-                f.write(message)
-    finally:
-        dist.destroy_process_group()
+def _step_in_backward_under_ddp():
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    GaLoreAdamW([{"params": list(model.parameters()), "rank": 2}]).step_in_backward()
 
 
 def test_step_in_backward_under_ddp_is_refused_naming_fsdp2(tmp_path):
     """DDP all-reduces gradients after the hooks step_in_backward steps in: each rank would step on
     its own gradient. It raises, naming FSDP2 (whose hooks see the reduced gradient)."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path / "message.txt"
-    mp.spawn(_step_in_backward_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
-    message = out.read_text()
+    message = _error_message(tmp_path, _step_in_backward_under_ddp)
     assert "DistributedDataParallel" in message and "fully_shard" in message
